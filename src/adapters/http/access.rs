@@ -1,0 +1,201 @@
+//! Who may call the legacy endpoints: the client's real IP and the GM and GS allowlists.
+//!
+//! Behind nginx every peer is the proxy, so the client address comes from `X-Real-IP`, or
+//! else the rightmost `X-Forwarded-For` entry that is not itself a trusted proxy — but only
+//! when the peer is a trusted proxy. From anyone else those headers are ignored: they are
+//! trivially spoofed.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use ipnet::IpNet;
+
+/// Bound on the server list download; a list of every game server is far smaller.
+const MAX_GS_LIST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Bound on one server list download.
+const GS_LIST_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Access {
+    gm_allow: Vec<IpNet>,
+    gs_allow: Vec<IpNet>,
+    trusted_proxies: Vec<IpNet>,
+    /// IPs of the last good server list.
+    gs_list: RwLock<Arc<HashSet<IpAddr>>>,
+}
+
+/// `::ffff:1.2.3.4` from a dual-stack socket is the IPv4 client `1.2.3.4`.
+fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+fn listed(nets: &[IpNet], ip: IpAddr) -> bool {
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+impl Access {
+    pub fn new(gm_allow: Vec<IpNet>, gs_allow: Vec<IpNet>, trusted_proxies: Vec<IpNet>) -> Self {
+        Self {
+            gm_allow,
+            gs_allow,
+            trusted_proxies,
+            gs_list: RwLock::new(Arc::new(HashSet::new())),
+        }
+    }
+
+    /// The client's address, by the trusted-proxy rule.
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = canonical(peer);
+        if !listed(&self.trusted_proxies, peer) {
+            return peer;
+        }
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        if let Some(ip) = header("x-real-ip").and_then(|v| v.trim().parse::<IpAddr>().ok()) {
+            return canonical(ip);
+        }
+        let forwarded = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        let entries: Vec<IpAddr> = forwarded
+            .flat_map(|v| v.split(','))
+            .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+            .map(canonical)
+            .collect();
+        entries
+            .into_iter()
+            .rev()
+            .find(|ip| !listed(&self.trusted_proxies, *ip))
+            .unwrap_or(peer)
+    }
+
+    pub fn gm_allowed(&self, ip: IpAddr) -> bool {
+        listed(&self.gm_allow, ip)
+    }
+
+    pub fn gs_allowed(&self, ip: IpAddr) -> bool {
+        listed(&self.gs_allow, ip)
+            || self
+                .gs_list
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&ip)
+    }
+
+    /// Replaces the server-list part of the GS allowlist.
+    pub fn set_gs_list(&self, ips: HashSet<IpAddr>) {
+        *self.gs_list.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ips);
+    }
+
+    /// Downloads the server list once; on any failure the last good list stays.
+    pub async fn refresh_gs_list(
+        &self,
+        http: &reqwest::Client,
+        url: &str,
+    ) -> Result<usize, String> {
+        let response = http
+            .get(url)
+            .timeout(GS_LIST_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("status {}", response.status()));
+        }
+        let body = response.bytes().await.map_err(|e| e.to_string())?;
+        if body.len() > MAX_GS_LIST_BYTES {
+            return Err("server list too large".into());
+        }
+        let ips = parse_server_list(&String::from_utf8_lossy(&body));
+        let n = ips.len();
+        self.set_gs_list(ips);
+        Ok(n)
+    }
+}
+
+/// Lines `<name> <port> <ip> <x>`, runs of spaces allowed; other lines are skipped with a
+/// warning.
+pub fn parse_server_list(text: &str) -> HashSet<IpAddr> {
+    let mut ips = HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, _, ip, _] => match ip.parse::<IpAddr>() {
+                Ok(ip) => {
+                    ips.insert(canonical(ip));
+                }
+                Err(_) => tracing::warn!(line = n + 1, "server list: bad IP, line skipped"),
+            },
+            _ => tracing::warn!(
+                line = n + 1,
+                "server list: expected `<name> <port> <ip> <x>`, line skipped"
+            ),
+        }
+    }
+    ips
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(s: &str) -> Vec<IpNet> {
+        crate::config::nets("TEST", s).unwrap()
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn headers_only_from_trusted_proxies() {
+        let a = Access::new(vec![], vec![], nets("10.0.0.1,10.0.0.2"));
+        let spoof = headers(&[("x-real-ip", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")]);
+        assert_eq!(
+            a.client_ip("9.9.9.9".parse().unwrap(), &spoof),
+            "9.9.9.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            a.client_ip("10.0.0.1".parse().unwrap(), &spoof),
+            "1.1.1.1".parse::<IpAddr>().unwrap()
+        );
+        let xff = headers(&[("x-forwarded-for", "6.6.6.6, 3.3.3.3, 10.0.0.2")]);
+        assert_eq!(
+            a.client_ip("10.0.0.1".parse().unwrap(), &xff),
+            "3.3.3.3".parse::<IpAddr>().unwrap()
+        );
+        let none = headers(&[]);
+        assert_eq!(
+            a.client_ip("10.0.0.1".parse().unwrap(), &none),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            a.client_ip("::ffff:9.9.9.9".parse().unwrap(), &none),
+            "9.9.9.9".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn server_list_lines() {
+        let ips = parse_server_list(
+            "s1 8001 10.1.1.1 x\ns2   8002  10.1.1.2   y\nbroken line\ns3 1 not-an-ip z\n\n",
+        );
+        assert_eq!(ips.len(), 2);
+        assert!(ips.contains(&"10.1.1.2".parse().unwrap()));
+        let a = Access::new(vec![], nets("127.0.0.1"), vec![]);
+        a.set_gs_list(ips);
+        assert!(a.gs_allowed("10.1.1.1".parse().unwrap()));
+        assert!(a.gs_allowed("127.0.0.1".parse().unwrap()));
+        assert!(!a.gs_allowed("10.1.1.3".parse().unwrap()));
+    }
+}

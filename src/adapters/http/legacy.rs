@@ -1,0 +1,438 @@
+//! The legacy GM and GS endpoints: every action of the original system, answered so a
+//! deployed client cannot tell the difference (`LEGACY_PROTOCOL.md`).
+//!
+//! Order of checks: IP allowlist → action known → required parameters present → ids
+//! canonical and `gm_name` valid → the action's own checks → `msg` valid → effect.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use http_body::{Frame, SizeHint};
+use serde::Serialize;
+
+use super::query::LegacyQuery;
+use super::{pyjson, AppSettlement, AppState};
+use crate::domain::poll::{Conversation, RelationChanges};
+use crate::domain::text::encode_base64;
+use crate::domain::{Errno, GmId, GmName, HostId, RelayError, Uid};
+
+/// Longest query accepted. A maximal message (500 four-byte characters) is 2,668 base64
+/// characters, up to three times that when percent-encoded twice, plus the ids.
+pub const MAX_QUERY_BYTES: usize = 12 * 1024;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Gm,
+    Gs,
+}
+
+impl Side {
+    fn label(self) -> &'static str {
+        match self {
+            Side::Gm => "gm",
+            Side::Gs => "gs",
+        }
+    }
+}
+
+pub async fn gm(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    handle(state, Side::Gm, peer.ip(), &headers, &uri).await
+}
+
+pub async fn gs(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    handle(state, Side::Gs, peer.ip(), &headers, &uri).await
+}
+
+/// The `text/html` every legacy reply carries, exactly, as the original sent it.
+fn html(status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut r = Response::new(body.into());
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    r
+}
+
+async fn handle(
+    state: AppState,
+    side: Side,
+    peer: IpAddr,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Response {
+    let raw = uri.query().unwrap_or("");
+    if raw.len() > MAX_QUERY_BYTES {
+        state
+            .metrics
+            .requests
+            .with_label_values(&[side.label(), "-", "too_long"])
+            .inc();
+        let mut r = (
+            StatusCode::URI_TOO_LONG,
+            "request too long: the query may be at most 12 KiB\n",
+        )
+            .into_response();
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        return r;
+    }
+    let ip = state.access.client_ip(peer, headers);
+    let allowed = match side {
+        Side::Gm => state.access.gm_allowed(ip),
+        Side::Gs => state.access.gs_allowed(ip),
+    };
+    if !allowed {
+        state
+            .metrics
+            .requests
+            .with_label_values(&[side.label(), "-", "refused"])
+            .inc();
+        return html(StatusCode::OK, format!("{ip} has no access to the website"));
+    }
+    let q = LegacyQuery::parse(raw.as_bytes());
+    let action = q.get("action").unwrap_or_default().to_vec();
+    let outcome = match (side, action.as_slice()) {
+        (Side::Gm, b"create") => create(&state, &q).await,
+        (Side::Gm, b"add") => add(&state, &q).await,
+        (Side::Gm, b"del") => del(&state, &q).await,
+        (Side::Gm, b"online") => gm_online(&state, &q).await,
+        (Side::Gm, b"offline") => gm_offline(&state, &q).await,
+        (Side::Gm, b"send") => gm_send(&state, &q).await,
+        (Side::Gm, b"receive") => gm_receive(&state).await,
+        (Side::Gs, b"relation") => gs_relation(&state, &q).await,
+        (Side::Gs, b"send") => gs_send(&state, &q).await,
+        (Side::Gs, b"receive") => gs_receive(&state, &q).await,
+        (Side::Gs, b"online") => gs_online(&state, &q).await,
+        _ => {
+            state
+                .metrics
+                .requests
+                .with_label_values(&[side.label(), "-", "unknown_action"])
+                .inc();
+            let mut body = b"err action ".to_vec();
+            body.extend_from_slice(&action);
+            return html(StatusCode::NOT_FOUND, body);
+        }
+    };
+    let action = String::from_utf8_lossy(&action).into_owned();
+    let result = match &outcome {
+        Ok(_) => "ok".to_owned(),
+        Err(RelayError::NotOnline) => "not_online".to_owned(),
+        Err(e) => format!("errno_{}", e.errno().map(Errno::code).unwrap_or(0)),
+    };
+    state
+        .metrics
+        .requests
+        .with_label_values(&[side.label(), &action, &result])
+        .inc();
+    match outcome {
+        Ok(Reply::Json(body)) => html(StatusCode::OK, body),
+        Ok(Reply::Poll(body)) => {
+            let mut r = Response::new(Body::new(body));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            r
+        }
+        Err(RelayError::NotOnline) => html(StatusCode::OK, json(&Res0 { res: 0 })),
+        Err(e) => {
+            let errno = e.errno().unwrap_or(Errno::Unavailable);
+            if let RelayError::Unavailable { backend, source } = &e {
+                tracing::error!(side = side.label(), %action, %backend, error = %source, "request failed: backend unavailable");
+            }
+            html(
+                StatusCode::OK,
+                json(&ErrReply {
+                    res: 0,
+                    errno: errno.code(),
+                    error: errno.reason(),
+                }),
+            )
+        }
+    }
+}
+
+enum Reply {
+    Json(Vec<u8>),
+    Poll(PollBody),
+}
+
+#[derive(Serialize)]
+struct Res0 {
+    res: u8,
+}
+
+#[derive(Serialize)]
+struct ErrReply {
+    res: u8,
+    errno: i32,
+    error: &'static str,
+}
+
+fn json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    // Our reply types are maps, sequences, strings and integers: serialising cannot fail.
+    pyjson::to_vec(value).unwrap_or_else(|_| b"{\"res\": 0, \"errno\": 10}".to_vec())
+}
+
+fn ok() -> Result<Reply, RelayError> {
+    Ok(Reply::Json(json(&Res0 { res: 1 })))
+}
+
+fn param<'q>(q: &'q LegacyQuery, key: &str) -> Result<&'q [u8], RelayError> {
+    q.get(key).ok_or(RelayError::Rejected(Errno::BadParam))
+}
+
+fn gm_id(q: &LegacyQuery) -> Result<GmId, RelayError> {
+    GmId::parse(param(q, "gm_account")?).ok_or(Errno::BadParam.into())
+}
+
+fn host_id(q: &LegacyQuery) -> Result<HostId, RelayError> {
+    HostId::parse(param(q, "host")?).ok_or(Errno::BadParam.into())
+}
+
+fn uid(q: &LegacyQuery) -> Result<Uid, RelayError> {
+    Uid::parse(param(q, "uid")?).ok_or(Errno::BadParam.into())
+}
+
+/// `msg`, decoded once more like the original's `urllib.unquote`.
+fn msg(q: &LegacyQuery) -> Result<Vec<u8>, RelayError> {
+    q.get_unquoted("msg").ok_or(Errno::BadParam.into())
+}
+
+async fn create(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError> {
+    let (gm, raw_name) = (
+        param(q, "gm_account")?,
+        q.get_unquoted("gm_name").ok_or(Errno::BadParam)?,
+    );
+    let gm = GmId::parse(gm).ok_or(Errno::BadParam)?;
+    let name = GmName::parse(&raw_name).ok_or(Errno::BadParam)?;
+    state.relay.create(gm, &name).await?;
+    ok()
+}
+
+async fn add(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError> {
+    param(q, "gm_account")?;
+    param(q, "host")?;
+    param(q, "uid")?;
+    state.relay.add(gm_id(q)?, host_id(q)?, uid(q)?).await?;
+    ok()
+}
+
+async fn del(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError> {
+    param(q, "gm_account")?;
+    param(q, "uid")?;
+    state.relay.remove(gm_id(q)?, uid(q)?).await?;
+    ok()
+}
+
+async fn gm_online(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError> {
+    state.relay.online(gm_id(q)?).await?;
+    ok()
+}
+
+async fn gm_offline(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError> {
+    state.relay.offline(gm_id(q)?).await?;
+    ok()
+}
+
+async fn gm_send(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError> {
+    param(q, "gm_account")?;
+    param(q, "uid")?;
+    let msg = msg(q)?;
+    state.relay.gm_send(gm_id(q)?, uid(q)?, &msg).await?;
+    ok()
+}
+
+async fn gs_send(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError> {
+    param(q, "uid")?;
+    let msg = msg(q)?;
+    state.relay.gs_send(uid(q)?, &msg).await?;
+    ok()
+}
+
+async fn gs_online(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError> {
+    let gms = state.relay.gs_online(host_id(q)?).await?;
+    state
+        .metrics
+        .poll_size
+        .with_label_values(&["online"])
+        .observe(gms.len() as f64);
+    let data = encode_base64_bytes(&json(&gms));
+    Ok(Reply::Json(json(&DataReply {
+        res: 1,
+        data: &data,
+    })))
+}
+
+#[derive(Serialize)]
+struct DataReply<'a> {
+    res: u8,
+    data: &'a str,
+}
+
+#[derive(Serialize)]
+struct ChatItem {
+    uid: Uid,
+    msg: String,
+}
+
+/// Messages of one conversation joined by `,` (base64 has no commas), as the original did.
+fn chat_item(c: &Conversation) -> ChatItem {
+    let joined = c
+        .texts
+        .iter()
+        .map(|t| encode_base64(t))
+        .collect::<Vec<_>>()
+        .join(",");
+    ChatItem {
+        uid: c.uid,
+        msg: joined,
+    }
+}
+
+fn encode_base64_bytes(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn gs_receive(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError> {
+    let host = host_id(q)?;
+    let (conversations, settlement) = state.relay.gs_receive(host).await?.into_parts();
+    state
+        .metrics
+        .poll_size
+        .with_label_values(&["gs_receive"])
+        .observe(conversations.len() as f64);
+    let items: Vec<ChatItem> = conversations.iter().map(chat_item).collect();
+    let data = encode_base64_bytes(&json(&items));
+    Ok(Reply::Poll(PollBody::new(
+        json(&DataReply {
+            res: 1,
+            data: &data,
+        }),
+        settlement,
+    )))
+}
+
+async fn gm_receive(state: &AppState) -> Result<Reply, RelayError> {
+    let (conversations, settlement) = state.relay.gm_receive().await?.into_parts();
+    state
+        .metrics
+        .poll_size
+        .with_label_values(&["gm_receive"])
+        .observe(conversations.len() as f64);
+    let mut by_gm: BTreeMap<String, Vec<ChatItem>> = BTreeMap::new();
+    for c in &conversations {
+        by_gm
+            .entry(c.gm.to_string())
+            .or_default()
+            .push(chat_item(c));
+    }
+    let data = encode_base64_bytes(&json(&by_gm));
+    Ok(Reply::Poll(PollBody::new(
+        json(&DataReply {
+            res: 1,
+            data: &data,
+        }),
+        settlement,
+    )))
+}
+
+#[derive(Serialize)]
+struct RelationReply<'a> {
+    res: u8,
+    apply_data: &'a str,
+    remove_data: &'a str,
+}
+
+async fn gs_relation(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError> {
+    let host = host_id(q)?;
+    let (changes, settlement) = state.relay.gs_relation(host).await?.into_parts();
+    let RelationChanges { apply, remove } = changes;
+    state
+        .metrics
+        .poll_size
+        .with_label_values(&["relation"])
+        .observe((apply.len() + remove.len()) as f64);
+    let apply: BTreeMap<String, (GmId, String)> = apply
+        .into_iter()
+        .map(|(uid, gm, name)| (uid.to_string(), (gm, name)))
+        .collect();
+    let body = json(&RelationReply {
+        res: 1,
+        apply_data: &encode_base64_bytes(&json(&apply)),
+        remove_data: &encode_base64_bytes(&json(&remove)),
+    });
+    Ok(Reply::Poll(PollBody::new(body, settlement)))
+}
+
+/// A poll's reply body. The poll's acks follow the written reply: when hyper has taken the
+/// bytes, dropping the body settles as planned; a body dropped unsent (client gone) naks
+/// everything so the next poll gets it again.
+pub struct PollBody {
+    data: Option<Bytes>,
+    len: u64,
+    sent: bool,
+    settlement: Option<AppSettlement>,
+}
+
+impl PollBody {
+    fn new(body: Vec<u8>, settlement: Option<AppSettlement>) -> Self {
+        Self {
+            len: body.len() as u64,
+            data: Some(Bytes::from(body)),
+            sent: false,
+            settlement,
+        }
+    }
+}
+
+impl http_body::Body for PollBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        match this.data.take() {
+            Some(data) => {
+                this.sent = true;
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.len)
+    }
+}
+
+impl Drop for PollBody {
+    fn drop(&mut self) {
+        if let Some(settlement) = self.settlement.take() {
+            settlement.finish(self.sent);
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! HTTP adapter: the legacy GM/GS endpoints and the operational endpoints (`/healthz`,
+//! `/readyz`, `/metrics`), as one axum router.
+
+pub mod access;
+pub mod legacy;
+pub mod pyjson;
+pub mod query;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::adapters::nats::JetStreamBus;
+use crate::adapters::redis::RedisStore;
+use crate::adapters::role::RoleClient;
+use crate::domain::ports::FriendStore;
+use crate::metrics::Metrics;
+use crate::relay::{Relay, Settlement};
+
+/// The relay as wired in production: Redis state, JetStream events, HTTP role service.
+pub type AppRelay = Relay<RedisStore, JetStreamBus, RoleClient>;
+pub type AppSettlement = Settlement<RedisStore, JetStreamBus, RoleClient>;
+
+/// Requests handled at once; past it new requests queue in the kernel's accept backlog
+/// instead of piling up memory here. Far above 1,000 hosts polling a few times a second.
+pub const MAX_CONCURRENT_REQUESTS: usize = 4096;
+
+/// No request may take longer: every backend call inside has a shorter bound of its own.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Bound on each backend check of `/readyz`.
+const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct AppState {
+    pub relay: Arc<AppRelay>,
+    pub access: Arc<access::Access>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn router(state: AppState, gm_path: &str, gs_path: &str) -> Router {
+    Router::new()
+        .route(gm_path, get(legacy::gm))
+        .route(gs_path, get(legacy::gs))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(
+            MAX_CONCURRENT_REQUESTS,
+        ))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let nats = tokio::time::timeout(READY_CHECK_TIMEOUT, state.relay.bus().ping()).await;
+    let redis = tokio::time::timeout(READY_CHECK_TIMEOUT, state.relay.store().ping()).await;
+    let mut failing = Vec::new();
+    if !matches!(nats, Ok(Ok(()))) {
+        failing.push("nats");
+    }
+    if !matches!(redis, Ok(Ok(()))) {
+        failing.push("redis");
+    }
+    if failing.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        tracing::warn!(?failing, "not ready");
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", failing.join(", ")),
+        )
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    if let Ok(Ok(depth)) =
+        tokio::time::timeout(READY_CHECK_TIMEOUT, state.relay.store().outbox_len()).await
+    {
+        state.metrics.outbox_depth.set(depth as i64);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
+}

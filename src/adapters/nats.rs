@@ -1,0 +1,342 @@
+//! NATS JetStream adapter: the [`EventBus`] port. Owns stream, subject and consumer names.
+//!
+//! Streams: `GM_TO_HOST` (`gm.to.host.*`) and `GS_TO_GM` (`gs.to.gm.*`), file storage,
+//! limits retention (several consumers read each subject), de-duplication by `Nats-Msg-Id`.
+//! The legacy adapter reads through its own durable consumers, never the native
+//! `host_<n>` ones: `legacy_chat_<n>` and `legacy_rel_<n>` filtered on `gm.to.host.<n>`, and
+//! `legacy_gm` over all of `GS_TO_GM` (no filter: a wildcard filter on a whole-stream
+//! consumer is several times slower on current servers).
+
+use std::collections::HashMap;
+use std::future::IntoFuture;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, consumer, stream, AckKind};
+use futures::StreamExt;
+
+use crate::domain::event::ENVELOPE_VERSION;
+use crate::domain::ports::{Delivery, EventBus, Feed, Route, Settle};
+use crate::domain::{Backend, Envelope, RelayError};
+use crate::metrics::Metrics;
+
+pub mod names {
+    //! Every subject, stream and consumer name, in one place.
+    use crate::domain::ports::{Feed, Route};
+
+    pub const STREAM_TO_HOST: &str = "GM_TO_HOST";
+    pub const STREAM_TO_GM: &str = "GS_TO_GM";
+    pub const SUBJECTS_TO_HOST: &str = "gm.to.host.*";
+    pub const SUBJECTS_TO_GM: &str = "gs.to.gm.*";
+
+    pub fn subject(route: Route) -> String {
+        match route {
+            Route::ToHost(h) => format!("gm.to.host.{h}"),
+            Route::ToGm(g) => format!("gs.to.gm.{g}"),
+        }
+    }
+
+    /// The stream, durable name and filter of a legacy feed's consumer.
+    pub fn feed_consumer(feed: Feed) -> (&'static str, String, String) {
+        match feed {
+            Feed::HostChat(h) => (
+                STREAM_TO_HOST,
+                format!("legacy_chat_{h}"),
+                subject(Route::ToHost(h)),
+            ),
+            Feed::HostRelation(h) => (
+                STREAM_TO_HOST,
+                format!("legacy_rel_{h}"),
+                subject(Route::ToHost(h)),
+            ),
+            Feed::GmChat => (STREAM_TO_GM, "legacy_gm".to_owned(), String::new()),
+        }
+    }
+}
+
+/// A publish not acknowledged within this is reported as NATS unavailable (errno 10).
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bound on a fetch (request to last message); no-wait fetches return at once normally.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bound on consumer or stream management calls.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Redelivery of a poll's events if its acks never arrive (relay died mid-poll). Longer
+/// than any poll, short enough that a host does not miss chat for long.
+pub const LEGACY_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Events fetched but not yet acked per legacy consumer: one poll's worth (1,000) plus
+/// the nak'd remainders of busy conversations, with room to spare.
+const LEGACY_MAX_ACK_PENDING: i64 = 20_000;
+
+/// De-duplication window: an outbox republish or a client retry within this is dropped.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// Cached consumer handles; past this the cache starts over (a lookup is one API call).
+const MAX_CACHED_CONSUMERS: usize = 50_000;
+
+/// Stream limits from the settings.
+#[derive(Debug, Clone)]
+pub struct StreamLimits {
+    pub max_age: Duration,
+    pub max_bytes: i64,
+    pub replicas: usize,
+}
+
+pub struct JetStreamBus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    consumers: Mutex<HashMap<Feed, PullConsumer>>,
+    metrics: Arc<Metrics>,
+}
+
+fn unavailable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> RelayError {
+    RelayError::unavailable(Backend::Nats, e)
+}
+
+impl JetStreamBus {
+    pub fn new(client: async_nats::Client, metrics: Arc<Metrics>) -> Self {
+        let js = jetstream::new(client.clone());
+        Self {
+            client,
+            js,
+            consumers: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Creates the streams, or updates their limits, idempotently.
+    pub async fn ensure_streams(&self, limits: &StreamLimits) -> Result<(), RelayError> {
+        for (name, subjects) in [
+            (names::STREAM_TO_HOST, names::SUBJECTS_TO_HOST),
+            (names::STREAM_TO_GM, names::SUBJECTS_TO_GM),
+        ] {
+            let config = stream::Config {
+                name: name.to_owned(),
+                subjects: vec![subjects.to_owned()],
+                storage: stream::StorageType::File,
+                retention: stream::RetentionPolicy::Limits,
+                discard: stream::DiscardPolicy::Old,
+                max_age: limits.max_age,
+                max_bytes: limits.max_bytes,
+                num_replicas: limits.replicas,
+                duplicate_window: DUPLICATE_WINDOW,
+                ..Default::default()
+            };
+            tokio::time::timeout(API_TIMEOUT, self.js.create_or_update_stream(config))
+                .await
+                .map_err(unavailable)?
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn consumer(&self, feed: Feed) -> Result<PullConsumer, RelayError> {
+        if let Some(c) = self
+            .consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&feed)
+        {
+            return Ok(c.clone());
+        }
+        let (stream_name, durable, filter) = names::feed_consumer(feed);
+        let config = consumer::pull::Config {
+            durable_name: Some(durable.clone()),
+            filter_subject: filter,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: LEGACY_ACK_WAIT,
+            max_deliver: -1,
+            max_ack_pending: LEGACY_MAX_ACK_PENDING,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        };
+        let created = tokio::time::timeout(API_TIMEOUT, async {
+            let stream = self.js.get_stream(stream_name).await.map_err(unavailable)?;
+            stream
+                .get_or_create_consumer(&durable, config)
+                .await
+                .map_err(unavailable)
+        })
+        .await
+        .map_err(unavailable)??;
+        let mut cache = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_CACHED_CONSUMERS {
+            cache.clear();
+        }
+        cache.insert(feed, created.clone());
+        Ok(created)
+    }
+
+    fn forget_consumer(&self, feed: Feed) {
+        self.consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&feed);
+    }
+
+    /// Whether NATS answers now.
+    pub async fn ping(&self) -> Result<(), RelayError> {
+        use async_nats::connection::State;
+        if self.client.connection_state() != State::Connected {
+            return Err(unavailable("not connected"));
+        }
+        tokio::time::timeout(Duration::from_secs(1), self.client.flush())
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)
+    }
+
+    fn route_label(route: Route) -> &'static str {
+        match route {
+            Route::ToHost(_) => "to_host",
+            Route::ToGm(_) => "to_gm",
+        }
+    }
+
+    async fn send(
+        &self,
+        route: Route,
+        event: &Envelope,
+    ) -> Result<jetstream::context::PublishAckFuture, RelayError> {
+        let payload = serde_json::to_vec(event).map_err(unavailable)?;
+        let message = PublishMessage::build()
+            .payload(payload.into())
+            .message_id(&event.id);
+        self.js
+            .send_publish(names::subject(route), message)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+impl EventBus for JetStreamBus {
+    type Handle = jetstream::Message;
+
+    async fn publish(&self, route: Route, event: &Envelope) -> Result<(), RelayError> {
+        let started = Instant::now();
+        let acked = tokio::time::timeout(PUBLISH_TIMEOUT, async {
+            let ack = self.send(route, event).await?;
+            ack.await.map_err(unavailable)
+        })
+        .await
+        .map_err(unavailable)??;
+        if acked.duplicate {
+            tracing::debug!(id = %event.id, "publish was a duplicate; already stored");
+        }
+        self.metrics
+            .publish_seconds
+            .with_label_values(&[Self::route_label(route)])
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn publish_ordered(&self, events: &[(Route, Envelope)]) -> (usize, Option<RelayError>) {
+        let started = Instant::now();
+        let result = tokio::time::timeout(PUBLISH_TIMEOUT, async {
+            // Send all, then await acknowledgements in order: one connection keeps the
+            // publish order, and many acks in flight cost one round trip, not N.
+            let mut pending = Vec::with_capacity(events.len());
+            for (route, event) in events {
+                match self.send(*route, event).await {
+                    Ok(ack) => pending.push(ack),
+                    Err(e) => return (pending, Some(e)),
+                }
+            }
+            (pending, None)
+        })
+        .await;
+        let (pending, mut error) = match result {
+            Ok(r) => r,
+            Err(e) => (Vec::new(), Some(unavailable(e))),
+        };
+        let mut acked = 0;
+        for ack in pending {
+            match tokio::time::timeout(PUBLISH_TIMEOUT, ack.into_future()).await {
+                Ok(Ok(_)) if error.is_none() => acked += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    error.get_or_insert(unavailable(e));
+                }
+                Err(e) => {
+                    error.get_or_insert(unavailable(e));
+                }
+            }
+        }
+        if acked > 0 {
+            self.metrics
+                .publish_seconds
+                .with_label_values(&["outbox"])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        (acked, error)
+    }
+
+    async fn fetch(
+        &self,
+        feed: Feed,
+        max: usize,
+    ) -> Result<Vec<Delivery<Self::Handle>>, RelayError> {
+        let consumer = self.consumer(feed).await?;
+        let fetched = tokio::time::timeout(FETCH_TIMEOUT, async {
+            let mut batch = consumer.fetch().max_messages(max).messages().await.map_err(unavailable)?;
+            let mut out = Vec::new();
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(unavailable)?;
+                let stream_seq = message.info().map(|i| i.stream_sequence).map_err(unavailable)?;
+                let event = serde_json::from_slice::<Envelope>(&message.payload)
+                    .ok()
+                    .filter(|e| e.v == ENVELOPE_VERSION);
+                if event.is_none() {
+                    tracing::warn!(subject = %message.subject, stream_seq, "skipping a message that is not a valid envelope");
+                }
+                out.push(Delivery { stream_seq, event, handle: message });
+            }
+            Ok::<_, RelayError>(out)
+        })
+        .await;
+        match fetched {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => {
+                // The consumer may have been deleted behind our back: look it up again.
+                self.forget_consumer(feed);
+                Err(e)
+            }
+            // Messages fetched before the timeout are redelivered after the ack wait.
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn settle(&self, mut settles: Vec<(Self::Handle, Settle)>) -> Result<(), RelayError> {
+        // Naks first, then acks; only the last is confirmed by the server. The server
+        // applies one consumer's acks in arrival order, so the confirmation means all of
+        // them were applied and the next fetch sees the nak'd messages first, in order.
+        settles.sort_by_key(|(_, s)| matches!(s, Settle::Ack));
+        let Some((last, last_kind)) = settles.pop() else {
+            return Ok(());
+        };
+        let kind = |s: Settle| match s {
+            Settle::Ack => AckKind::Ack,
+            Settle::Nak => AckKind::Nak(None),
+        };
+        for (message, s) in &settles {
+            message.ack_with(kind(*s)).await.map_err(unavailable)?;
+        }
+        tokio::time::timeout(FETCH_TIMEOUT, last.double_ack_with(kind(last_kind)))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)
+    }
+}

@@ -1,0 +1,74 @@
+//! HTTP client of the game's role service: the [`RoleService`] port.
+//!
+//! `GM_RELAY_ROLE_INFO_URL` is a template with `{uid}` and `{host}`; the reply is JSON and
+//! the player exists when it is an object with `"code": 1`. Timeouts, connection errors,
+//! non-2xx and non-JSON replies are "unavailable" (errno 7), never "unknown" (errno 4).
+
+use std::time::Duration;
+
+use crate::domain::ports::{RoleService, RoleUnavailable, RoleVerdict};
+use crate::domain::{HostId, Uid};
+
+/// A role reply larger than this is not a role reply.
+const MAX_ROLE_REPLY_BYTES: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct RoleClient {
+    /// `None`: the check is off and every player is taken to exist.
+    template: Option<String>,
+    http: reqwest::Client,
+}
+
+impl RoleClient {
+    pub fn new(template: Option<String>, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .build()
+            .unwrap_or_default();
+        Self { template, http }
+    }
+}
+
+impl RoleService for RoleClient {
+    async fn check(&self, host: HostId, uid: Uid) -> Result<RoleVerdict, RoleUnavailable> {
+        let Some(template) = &self.template else {
+            return Ok(RoleVerdict::Exists);
+        };
+        let url = template
+            .replace("{uid}", &uid.to_string())
+            .replace("{host}", &host.to_string());
+        let unavailable = |e: &dyn std::fmt::Display| RoleUnavailable(e.to_string());
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if !response.status().is_success() {
+            return Err(RoleUnavailable(format!("status {}", response.status())));
+        }
+        if response
+            .content_length()
+            .is_some_and(|n| n as usize > MAX_ROLE_REPLY_BYTES)
+        {
+            return Err(RoleUnavailable("reply too large".into()));
+        }
+        let body = response.bytes().await.map_err(|e| unavailable(&e))?;
+        if body.len() > MAX_ROLE_REPLY_BYTES {
+            return Err(RoleUnavailable("reply too large".into()));
+        }
+        let value: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| unavailable(&e))?;
+        // The original: not a dict, or `code` != 1 → the player does not exist.
+        let exists = value
+            .as_object()
+            .and_then(|o| o.get("code"))
+            .is_some_and(|c| c == 1);
+        Ok(if exists {
+            RoleVerdict::Exists
+        } else {
+            RoleVerdict::Unknown
+        })
+    }
+}

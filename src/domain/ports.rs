@@ -1,0 +1,246 @@
+//! The small interfaces the relay's rules need from the outside world. Adapters implement
+//! them: Redis for [`FriendStore`], NATS JetStream for [`EventBus`], HTTP for
+//! [`RoleService`]. Nothing here knows which.
+
+use std::future::Future;
+use std::time::Duration;
+
+use super::error::RelayError;
+use super::event::Envelope;
+use super::ids::{GmId, HostId, Uid};
+use super::text::GmName;
+
+/// Where an event goes; the bus turns it into a subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// `gm.to.host.<host>`: chat to players and friend/presence events for a host.
+    ToHost(HostId),
+    /// `gs.to.gm.<gm>`: players' chat to a GM.
+    ToGm(GmId),
+}
+
+/// A durable feed a legacy poll reads from. Each has its own consumer, so the feeds never
+/// steal each other's events (nor the native `host_<n>` consumers').
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Feed {
+    /// Chat to players of one host (GS `receive`).
+    HostChat(HostId),
+    /// Friend events of one host (GS `relation`).
+    HostRelation(HostId),
+    /// Chat from players to every GM (GM `receive`).
+    GmChat,
+}
+
+impl Feed {
+    /// Stable name for locks, leases and metrics.
+    pub fn key(&self) -> String {
+        match self {
+            Feed::HostChat(h) => format!("host_chat:{h}"),
+            Feed::HostRelation(h) => format!("host_relation:{h}"),
+            Feed::GmChat => "gm_chat".to_owned(),
+        }
+    }
+}
+
+/// One fetched message. `event` is `None` when the payload is not a valid envelope: such a
+/// message is acknowledged and logged, never served and never allowed to block a feed.
+#[derive(Debug)]
+pub struct Delivery<H> {
+    pub stream_seq: u64,
+    pub event: Option<Envelope>,
+    pub handle: H,
+}
+
+/// What to tell the broker about one delivery once the reply is out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Done: never deliver again.
+    Ack,
+    /// Not served this time: deliver again first, in order.
+    Nak,
+}
+
+pub trait EventBus: Send + Sync + 'static {
+    /// A fetched message's handle for acknowledging it.
+    type Handle: Send + 'static;
+
+    /// Publishes and waits for the broker's acknowledgement (stored), with the event id as
+    /// de-duplication key.
+    fn publish(
+        &self,
+        route: Route,
+        event: &Envelope,
+    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+
+    /// Publishes several events in order and waits for all acknowledgements. Returns how
+    /// many of the leading events were acknowledged, so the caller knows the safe prefix.
+    fn publish_ordered(
+        &self,
+        events: &[(Route, Envelope)],
+    ) -> impl Future<Output = (usize, Option<RelayError>)> + Send;
+
+    /// Fetches what is waiting on a feed, at most `max`, without waiting for more.
+    fn fetch(
+        &self,
+        feed: Feed,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<Delivery<Self::Handle>>, RelayError>> + Send;
+
+    /// Acks and naks, and returns once the broker has applied them, so a following fetch
+    /// sees their effect.
+    fn settle(
+        &self,
+        settles: Vec<(Self::Handle, Settle)>,
+    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+}
+
+/// Where the GM may send: the player's host, or why not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlayerLink {
+    pub gm: GmId,
+    pub host: HostId,
+}
+
+/// One item waiting in the outbox; `seq` grows by one per committed change.
+#[derive(Debug, Clone)]
+pub struct OutboxItem {
+    pub seq: u64,
+    pub event: Envelope,
+}
+
+/// A held lease; only the holder's token can renew or release it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseToken(pub String);
+
+/// Account and friendship state. Every mutating call is atomic and, where the change must
+/// be announced, writes its event to the outbox in the same step, returning the outbox seq.
+pub trait FriendStore: Send + Sync + 'static {
+    /// errno 1 if the GM exists. Marks the GM online.
+    fn create_gm(
+        &self,
+        gm: GmId,
+        name: &GmName,
+    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+
+    /// The checks `add` makes before asking the role service: errno 2, then 3.
+    fn check_add(&self, gm: GmId, uid: Uid) -> impl Future<Output = Result<(), RelayError>> + Send;
+
+    /// Re-checks (2, 3) and claims the player for the GM; returns the outbox seq.
+    fn add_friend(
+        &self,
+        gm: GmId,
+        host: HostId,
+        uid: Uid,
+        event_id: &str,
+        ts: i64,
+    ) -> impl Future<Output = Result<u64, RelayError>> + Send;
+
+    /// Checks 2, 5, 4 in that order, then ends the friendship; returns the outbox seq.
+    fn remove_friend(
+        &self,
+        gm: GmId,
+        uid: Uid,
+        event_id: &str,
+        ts: i64,
+    ) -> impl Future<Output = Result<u64, RelayError>> + Send;
+
+    /// errno 2 if the GM does not exist. Returns the last outbox seq written, if the GM was
+    /// offline and has players (one presence event per host).
+    fn set_online(
+        &self,
+        gm: GmId,
+        event_id: &str,
+        ts: i64,
+    ) -> impl Future<Output = Result<Option<u64>, RelayError>> + Send;
+
+    /// [`RelayError::NotOnline`] if the GM was not online.
+    fn set_offline(
+        &self,
+        gm: GmId,
+        event_id: &str,
+        ts: i64,
+    ) -> impl Future<Output = Result<Option<u64>, RelayError>> + Send;
+
+    /// GM `send` checks: errno 4 (not in the GM's friends), then 5 (owned by another GM).
+    fn gm_chat_target(
+        &self,
+        gm: GmId,
+        uid: Uid,
+    ) -> impl Future<Output = Result<HostId, RelayError>> + Send;
+
+    /// The player's GM and host; errno 5 if the player has no GM.
+    fn player_link(&self, uid: Uid) -> impl Future<Output = Result<PlayerLink, RelayError>> + Send;
+
+    /// Online GMs with at least one player on `host`, at most `limit`.
+    fn online_gms_on_host(
+        &self,
+        host: HostId,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<GmId>, RelayError>> + Send;
+
+    /// Takes the named lease if free.
+    fn try_lease(
+        &self,
+        name: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<LeaseToken>, RelayError>> + Send;
+
+    /// Extends a held lease; false if it was lost.
+    fn renew_lease(
+        &self,
+        name: &str,
+        token: &LeaseToken,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, RelayError>> + Send;
+
+    fn release_lease(
+        &self,
+        name: &str,
+        token: &LeaseToken,
+    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+
+    /// The oldest outbox items, in order, at most `max`.
+    fn outbox_peek(
+        &self,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<OutboxItem>, RelayError>> + Send;
+
+    /// Removes the oldest `count` items, ending at `last_seq`, if `token` still holds the
+    /// outbox lease named `lease`. False if the lease was lost (nothing removed).
+    fn outbox_remove(
+        &self,
+        lease: &str,
+        token: &LeaseToken,
+        count: usize,
+        last_seq: u64,
+    ) -> impl Future<Output = Result<bool, RelayError>> + Send;
+
+    /// The seq of the newest item known published (0 if none yet).
+    fn outbox_published_seq(&self) -> impl Future<Output = Result<u64, RelayError>> + Send;
+
+    /// Items waiting.
+    fn outbox_len(&self) -> impl Future<Output = Result<u64, RelayError>> + Send;
+
+    /// Whether the store answers.
+    fn ping(&self) -> impl Future<Output = Result<(), RelayError>> + Send;
+}
+
+/// The answer of the role service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleVerdict {
+    Exists,
+    Unknown,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("role service unavailable: {0}")]
+pub struct RoleUnavailable(pub String);
+
+/// Asks the game's role service whether a player exists on a host (hosts >= 1000 only).
+pub trait RoleService: Send + Sync + 'static {
+    fn check(
+        &self,
+        host: HostId,
+        uid: Uid,
+    ) -> impl Future<Output = Result<RoleVerdict, RoleUnavailable>> + Send;
+}

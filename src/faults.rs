@@ -1,0 +1,46 @@
+//! Named fault points for tests (feature `fault-injection` only): an armed point parks
+//! the task that reaches it forever, as if the process had died right there. The test
+//! then stops the relay and starts a new one over the same NATS and Redis.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+#[derive(Default)]
+pub struct Faults {
+    armed: Mutex<HashSet<&'static str>>,
+    reached: Notify,
+    hits: Mutex<Vec<&'static str>>,
+}
+
+impl Faults {
+    pub fn arm(&self, name: &'static str) {
+        self.armed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name);
+    }
+
+    /// Names of the armed points reached so far.
+    pub fn hits(&self) -> Vec<&'static str> {
+        self.hits.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub async fn park_if_armed(&self, name: &'static str) {
+        if self
+            .armed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+        {
+            tracing::warn!(fault = name, "fault point reached: parking this task");
+            self.hits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(name);
+            self.reached.notify_waiters();
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Prometheus metrics of one relay, served at `/metrics`. Each relay instance has its own
+//! registry (no globals), so tests can run many relays in one process.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Legacy requests by side (`gm`/`gs`), action and result (`ok`, `errno_N`, `refused`, ...).
+    pub requests: IntCounterVec,
+    /// Time from publish to the broker's acknowledgement, by subject kind.
+    pub publish_seconds: HistogramVec,
+    /// Events or uids returned per legacy poll, by feed kind.
+    pub poll_size: HistogramVec,
+    /// Events waiting in the outbox when last looked at.
+    pub outbox_depth: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry =
+            Registry::new_custom(Some("gm_relay".into()), None).expect("static prefix is valid");
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "requests_total",
+                "Legacy HTTP requests by side, action and result",
+            ),
+            &["side", "action", "result"],
+        )
+        .expect("static metric definition");
+        let publish_seconds = HistogramVec::new(
+            HistogramOpts::new("publish_seconds", "Publish to JetStream acknowledgement").buckets(
+                vec![
+                    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2.0,
+                ],
+            ),
+            &["route"],
+        )
+        .expect("static metric definition");
+        let poll_size = HistogramVec::new(
+            HistogramOpts::new("poll_size", "Entries returned by a legacy poll")
+                .buckets(vec![0.0, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0]),
+            &["feed"],
+        )
+        .expect("static metric definition");
+        let outbox_depth = IntGauge::new(
+            "outbox_depth",
+            "Friend and presence events not yet published",
+        )
+        .expect("static metric definition");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(publish_seconds.clone()),
+            Box::new(poll_size.clone()),
+            Box::new(outbox_depth.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        Self {
+            registry,
+            requests,
+            publish_seconds,
+            poll_size,
+            outbox_depth,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,351 @@
+//! The relay's use cases: every legacy action as one method, written against the ports of
+//! [`crate::domain::ports`] only. The order of checks here is the protocol's order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify, OwnedMutexGuard};
+
+use crate::domain::event::{new_event_id, now_ms};
+use crate::domain::poll::{plan_chat, plan_relation, Conversation, Grouping, RelationChanges};
+use crate::domain::ports::{
+    Delivery, EventBus, Feed, FriendStore, LeaseToken, RoleService, RoleVerdict, Route, Settle,
+};
+use crate::domain::{ChatText, Envelope, Errno, GmId, GmName, HostId, RelayError, Uid};
+
+/// Hosts numbered from here on are "external" servers whose players the role service must
+/// confirm (the original's `is_inter_server`).
+pub const ROLE_CHECK_FROM_HOST: i64 = 1000;
+
+/// A poll returns at most this many uids or events (the protocol's bound).
+pub const POLL_MAX: usize = 1000;
+
+/// How long a poll waits for the previous poll of the same feed (in this relay or another)
+/// to finish. Past it the poll answers empty: nothing was taken, so nothing is lost.
+const POLL_TURN_WAIT: Duration = Duration::from_secs(2);
+
+/// Pause between attempts to take a poll lease held by another relay.
+const POLL_LEASE_RETRY: Duration = Duration::from_millis(5);
+
+/// A poll lease outlives the longest poll (fetch and settle are each bounded well below
+/// this), so a relay that dies mid-poll blocks its feed for at most this long.
+pub const POLL_LEASE_TTL: Duration = Duration::from_secs(15);
+
+/// A friend change answers once committed; it waits up to this long for its event to be
+/// published, so that a client's next poll sees it. Past it the drainer still publishes it.
+const PUBLISH_FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// How often a waiter re-reads the published position kept in the store, for when another
+/// relay holds the outbox lease.
+const FLUSH_RECHECK: Duration = Duration::from_millis(20);
+
+pub struct Relay<S, B, R> {
+    pub(crate) store: S,
+    pub(crate) bus: B,
+    roles: R,
+    /// Wakes the outbox drainer after a commit.
+    pub(crate) outbox_kick: Notify,
+    /// Newest outbox seq this relay knows to be published.
+    pub(crate) outbox_published: watch::Sender<u64>,
+    /// One lock per feed: polls of one feed are serialised inside this relay (the Redis
+    /// lease does it across relays). Holds one small entry per feed ever polled.
+    poll_locks: Mutex<HashMap<Feed, Arc<tokio::sync::Mutex<()>>>>,
+    #[cfg(feature = "fault-injection")]
+    pub faults: crate::faults::Faults,
+}
+
+/// A chat poll's reply.
+pub type ChatReply = Vec<Conversation>;
+
+impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
+    pub fn new(store: S, bus: B, roles: R) -> Self {
+        Self {
+            store,
+            bus,
+            roles,
+            outbox_kick: Notify::new(),
+            outbox_published: watch::channel(0).0,
+            poll_locks: Mutex::new(HashMap::new()),
+            #[cfg(feature = "fault-injection")]
+            faults: Default::default(),
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn bus(&self) -> &B {
+        &self.bus
+    }
+
+    pub async fn create(&self, gm: GmId, name: &GmName) -> Result<(), RelayError> {
+        self.store.create_gm(gm, name).await
+    }
+
+    pub async fn add(&self, gm: GmId, host: HostId, uid: Uid) -> Result<(), RelayError> {
+        if host.0 >= ROLE_CHECK_FROM_HOST {
+            self.store.check_add(gm, uid).await?;
+            match self.roles.check(host, uid).await {
+                Ok(RoleVerdict::Exists) => {}
+                Ok(RoleVerdict::Unknown) => return Err(Errno::RoleRefused.into()),
+                Err(e) => {
+                    tracing::warn!(%host, %uid, error = %e, "role service failed");
+                    return Err(Errno::RoleUnavailable.into());
+                }
+            }
+        }
+        let seq = self
+            .store
+            .add_friend(gm, host, uid, &new_event_id(), now_ms())
+            .await?;
+        crate::fault_point!(self, "add_after_commit");
+        self.await_published(seq).await;
+        Ok(())
+    }
+
+    pub async fn remove(&self, gm: GmId, uid: Uid) -> Result<(), RelayError> {
+        let seq = self
+            .store
+            .remove_friend(gm, uid, &new_event_id(), now_ms())
+            .await?;
+        self.await_published(seq).await;
+        Ok(())
+    }
+
+    pub async fn online(&self, gm: GmId) -> Result<(), RelayError> {
+        if let Some(seq) = self.store.set_online(gm, &new_event_id(), now_ms()).await? {
+            self.await_published(seq).await;
+        }
+        Ok(())
+    }
+
+    pub async fn offline(&self, gm: GmId) -> Result<(), RelayError> {
+        if let Some(seq) = self
+            .store
+            .set_offline(gm, &new_event_id(), now_ms())
+            .await?
+        {
+            self.await_published(seq).await;
+        }
+        Ok(())
+    }
+
+    /// GM to player. Answers once the broker stored the message.
+    pub async fn gm_send(&self, gm: GmId, uid: Uid, msg: &[u8]) -> Result<String, RelayError> {
+        let host = self.store.gm_chat_target(gm, uid).await?;
+        let text = ChatText::from_base64(msg).ok_or(Errno::BadMsg)?;
+        let event = Envelope::chat(new_event_id(), host, uid, gm, text.as_str(), now_ms());
+        self.bus.publish(Route::ToHost(host), &event).await?;
+        Ok(event.id)
+    }
+
+    /// Player to GM, from a legacy game server. Answers once the broker stored the message.
+    pub async fn gs_send(&self, uid: Uid, msg: &[u8]) -> Result<String, RelayError> {
+        let link = self.store.player_link(uid).await?;
+        let text = ChatText::from_base64(msg).ok_or(Errno::BadMsg)?;
+        let event = Envelope::chat(
+            new_event_id(),
+            link.host,
+            uid,
+            link.gm,
+            text.as_str(),
+            now_ms(),
+        );
+        self.bus.publish(Route::ToGm(link.gm), &event).await?;
+        Ok(event.id)
+    }
+
+    pub async fn gs_online(&self, host: HostId) -> Result<Vec<GmId>, RelayError> {
+        self.store.online_gms_on_host(host, POLL_MAX).await
+    }
+
+    /// GS `receive`: chat for the players of `host`.
+    pub async fn gs_receive(
+        self: &Arc<Self>,
+        host: HostId,
+    ) -> Result<PollTicket<ChatReply, S, B, R>, RelayError> {
+        self.poll(Feed::HostChat(host), |d| plan_chat(d, Grouping::ByPlayer))
+            .await
+    }
+
+    /// GM `receive`: chat from players to every GM.
+    pub async fn gm_receive(
+        self: &Arc<Self>,
+    ) -> Result<PollTicket<ChatReply, S, B, R>, RelayError> {
+        self.poll(Feed::GmChat, |d| plan_chat(d, Grouping::ByConversation))
+            .await
+    }
+
+    /// GS `relation`: friend changes of the players of `host`, coalesced.
+    pub async fn gs_relation(
+        self: &Arc<Self>,
+        host: HostId,
+    ) -> Result<PollTicket<RelationChanges, S, B, R>, RelayError> {
+        self.poll(Feed::HostRelation(host), plan_relation).await
+    }
+
+    /// Takes this feed's turn (local lock, then the cross-relay lease), fetches and plans.
+    /// The ticket holds the turn until the reply is out and the broker applied the acks.
+    async fn poll<T: Default>(
+        self: &Arc<Self>,
+        feed: Feed,
+        plan: impl FnOnce(&[Delivery<B::Handle>]) -> (T, Vec<Settle>),
+    ) -> Result<PollTicket<T, S, B, R>, RelayError> {
+        let Some(turn) = self.take_turn(feed).await? else {
+            tracing::warn!(feed = %feed.key(), "poll gave up waiting for its turn");
+            return Ok(PollTicket::empty());
+        };
+        let mut deliveries = match self.bus.fetch(feed, POLL_MAX).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.end_turn(turn).await;
+                return Err(e);
+            }
+        };
+        // A fetch hands out redeliveries before new messages; stream order is what the
+        // protocol promises.
+        deliveries.sort_by_key(|d| d.stream_seq);
+        let (reply, settles) = plan(&deliveries);
+        let settles = deliveries
+            .into_iter()
+            .zip(settles)
+            .map(|(d, s)| (d.handle, s))
+            .collect();
+        Ok(PollTicket {
+            reply,
+            settlement: Some(Settlement {
+                relay: Arc::clone(self),
+                settles,
+                turn,
+            }),
+        })
+    }
+
+    async fn take_turn(&self, feed: Feed) -> Result<Option<Turn>, RelayError> {
+        let lock = {
+            let mut locks = self.poll_locks.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(locks.entry(feed).or_default())
+        };
+        let deadline = tokio::time::Instant::now() + POLL_TURN_WAIT;
+        let Ok(guard) = tokio::time::timeout_at(deadline, lock.lock_owned()).await else {
+            return Ok(None);
+        };
+        let lease_name = format!("poll:{}", feed.key());
+        loop {
+            if let Some(token) = self.store.try_lease(&lease_name, POLL_LEASE_TTL).await? {
+                return Ok(Some(Turn {
+                    _guard: guard,
+                    lease_name,
+                    token,
+                }));
+            }
+            if tokio::time::Instant::now() + POLL_LEASE_RETRY > deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(POLL_LEASE_RETRY).await;
+        }
+    }
+
+    async fn end_turn(&self, turn: Turn) {
+        if let Err(e) = self
+            .store
+            .release_lease(&turn.lease_name, &turn.token)
+            .await
+        {
+            // The lease expires by itself; the next poll of this feed waits at most its TTL.
+            tracing::warn!(lease = %turn.lease_name, error = %e, "could not release poll lease");
+        }
+    }
+
+    /// Waits (bounded) until the outbox has published through `seq`.
+    pub(crate) async fn await_published(&self, seq: u64) {
+        self.outbox_kick.notify_one();
+        let mut published = self.outbox_published.subscribe();
+        let deadline = tokio::time::Instant::now() + PUBLISH_FLUSH_WAIT;
+        loop {
+            if *published.borrow_and_update() >= seq {
+                return;
+            }
+            let wait = tokio::time::timeout(FLUSH_RECHECK, published.changed());
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    seq,
+                    "event committed but not yet published; the outbox will publish it"
+                );
+                return;
+            }
+            if wait.await.is_err() {
+                // Another relay may hold the outbox lease: its progress is in the store.
+                if let Ok(done) = self.store.outbox_published_seq().await {
+                    self.outbox_published.send_if_modified(|cur| {
+                        let advanced = done > *cur;
+                        if advanced {
+                            *cur = done;
+                        }
+                        advanced
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A feed's turn: the local lock and the cross-relay lease.
+struct Turn {
+    _guard: OwnedMutexGuard<()>,
+    lease_name: String,
+    token: LeaseToken,
+}
+
+/// A planned poll reply, and the acks that must follow it once it is written.
+pub struct PollTicket<T, S: FriendStore, B: EventBus, R: RoleService> {
+    pub reply: T,
+    settlement: Option<Settlement<S, B, R>>,
+}
+
+impl<T: Default, S: FriendStore, B: EventBus, R: RoleService> PollTicket<T, S, B, R> {
+    fn empty() -> Self {
+        Self {
+            reply: T::default(),
+            settlement: None,
+        }
+    }
+
+    pub fn into_parts(self) -> (T, Option<Settlement<S, B, R>>) {
+        (self.reply, self.settlement)
+    }
+}
+
+/// The acks of a poll and its turn. [`Settlement::finish`] applies them in the
+/// background; dropping it unfinished counts as "the reply was not written".
+pub struct Settlement<S: FriendStore, B: EventBus, R: RoleService> {
+    relay: Arc<Relay<S, B, R>>,
+    settles: Vec<(B::Handle, Settle)>,
+    turn: Turn,
+}
+
+impl<S: FriendStore, B: EventBus, R: RoleService> Settlement<S, B, R> {
+    /// `written`: the reply reached the client, so ack as planned; otherwise nak everything
+    /// so the next poll gets it all again, in order.
+    pub fn finish(self, written: bool) -> tokio::task::JoinHandle<()> {
+        let Settlement {
+            relay,
+            mut settles,
+            turn,
+        } = self;
+        if !written {
+            settles.iter_mut().for_each(|(_, s)| *s = Settle::Nak);
+        }
+        tokio::spawn(async move {
+            if !settles.is_empty() {
+                if let Err(e) = relay.bus.settle(settles).await {
+                    // Unacked messages are redelivered after the consumer's ack wait.
+                    tracing::warn!(error = %e, "poll acks failed; events will be redelivered");
+                }
+            }
+            relay.end_turn(turn).await;
+        })
+    }
+}

@@ -1,0 +1,205 @@
+//! Builds the relay from its [`Config`] and runs it until told to stop.
+//!
+//! `Application::build` connects to NATS and Redis, ensures the streams and binds the
+//! listener (port 0 works, for tests); `run_until_stopped` serves until the shutdown future
+//! resolves, then stops accepting, lets in-flight requests finish, drains the outbox and
+//! closes connections, all within `GM_RELAY_SHUTDOWN_TIMEOUT_S`.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::adapters::http::access::Access;
+use crate::adapters::http::{router, AppRelay, AppState};
+use crate::adapters::nats::{JetStreamBus, StreamLimits};
+use crate::adapters::redis::RedisStore;
+use crate::adapters::role::RoleClient;
+use crate::config::Config;
+use crate::domain::RelayError;
+use crate::metrics::Metrics;
+use crate::relay::Relay;
+
+/// Bound on connecting to NATS at start-up.
+const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Nats {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot set up JetStream streams: {0}")]
+    Streams(RelayError),
+    #[error("cannot connect to Redis at {url}: {source}")]
+    Redis {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    config: Config,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let client = async_nats::ConnectOptions::new()
+            .name("gm-relay")
+            .connection_timeout(NATS_CONNECT_TIMEOUT)
+            .event_callback(|event| async move { tracing::info!(%event, "nats connection event") })
+            .connect(&config.nats_url)
+            .await
+            .map_err(|source| StartError::Nats {
+                url: config.nats_url.clone(),
+                source,
+            })?;
+        let bus = JetStreamBus::new(client, Arc::clone(&metrics));
+        let limits = StreamLimits {
+            max_age: config.retention_max_age,
+            max_bytes: config.retention_max_bytes,
+            replicas: config.stream_replicas,
+        };
+        bus.ensure_streams(&limits)
+            .await
+            .map_err(StartError::Streams)?;
+        let store = RedisStore::connect(&config.redis_url)
+            .await
+            .map_err(|source| StartError::Redis {
+                url: config.redis_url.clone(),
+                source,
+            })?;
+        let roles = RoleClient::new(config.role_info_url.clone(), config.role_timeout);
+        let relay: Arc<AppRelay> = Arc::new(Relay::new(store, bus, roles));
+        let access = Arc::new(Access::new(
+            config.gm_allow.clone(),
+            config.gs_allow.clone(),
+            config.trusted_proxies.clone(),
+        ));
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        Ok(Self {
+            listener,
+            state: AppState {
+                relay,
+                access,
+                metrics,
+            },
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn relay(&self) -> Arc<AppRelay> {
+        Arc::clone(&self.state.relay)
+    }
+
+    pub fn access(&self) -> Arc<Access> {
+        Arc::clone(&self.state.access)
+    }
+
+    /// Serves until `shutdown` resolves, then stops gracefully within the configured bound.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let Application {
+            listener,
+            state,
+            config,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let relay = Arc::clone(&state.relay);
+        let outbox = tokio::spawn(Arc::clone(&relay).run_outbox(stop_rx.clone()));
+        let gs_list = config.gs_list_url.clone().map(|url| {
+            tokio::spawn(refresh_gs_list(
+                Arc::clone(&state.access),
+                url,
+                config.gs_list_refresh,
+                stop_rx.clone(),
+            ))
+        });
+
+        tracing::info!(addr = %listener.local_addr()?, gm_path = %config.gm_path, gs_path = %config.gs_path, "gm-relay serving");
+        let app = router(state, &config.gm_path, &config.gs_path);
+        let (serve_stop_tx, serve_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = serve_stop_rx.await;
+            })
+            .into_future(),
+        );
+        shutdown.await;
+        tracing::info!(
+            "shutting down: no new connections, finishing requests, draining the outbox"
+        );
+        let _ = serve_stop_tx.send(());
+        let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+        let server_result = match tokio::time::timeout_at(deadline, server).await {
+            Ok(joined) => joined.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            Err(_) => {
+                tracing::warn!("in-flight requests did not finish in time; dropping them");
+                Ok(())
+            }
+        };
+        let _ = stop_tx.send(true);
+        if tokio::time::timeout_at(deadline, outbox).await.is_err() {
+            tracing::warn!(
+                "outbox drain did not finish in time; the next relay to start publishes the rest"
+            );
+        }
+        if let Some(task) = gs_list {
+            task.abort();
+        }
+        let _ = tokio::time::timeout_at(deadline, relay.bus().client().flush()).await;
+        tracing::info!("stopped");
+        server_result
+    }
+}
+
+async fn refresh_gs_list(
+    access: Arc<Access>,
+    url: String,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let http = reqwest::Client::new();
+    loop {
+        match access.refresh_gs_list(&http, &url).await {
+            Ok(n) => tracing::info!(servers = n, "server list refreshed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "server list refresh failed; keeping the last good list")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
