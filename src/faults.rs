@@ -1,6 +1,9 @@
 //! Named fault points for tests (feature `fault-injection` only): an armed point parks
 //! the task that reaches it forever, as if the process had died right there. The test
 //! then stops the relay and starts a new one over the same NATS and Redis.
+//!
+//! In-process tests arm points with [`Faults::arm`]; a relay process arms the
+//! comma-separated names in `GM_RELAY_FAULTS` at start-up (feature builds only).
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -9,7 +12,7 @@ use tokio::sync::Notify;
 
 #[derive(Default)]
 pub struct Faults {
-    armed: Mutex<HashSet<&'static str>>,
+    armed: Mutex<HashSet<String>>,
     reached: Notify,
     hits: Mutex<Vec<&'static str>>,
 }

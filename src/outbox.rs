@@ -20,7 +20,7 @@ pub const OUTBOX_LEASE: &str = "outbox";
 
 /// Long enough to publish a full batch on a slow broker; a dead drainer blocks others at
 /// most this long.
-const OUTBOX_LEASE_TTL: Duration = Duration::from_secs(10);
+const OUTBOX_LEASE_TTL: Duration = Duration::from_secs(5);
 
 /// Events published per round trip: enough to keep many publishes in flight, small enough
 /// that a batch finishes well within the lease.

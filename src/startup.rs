@@ -83,6 +83,8 @@ impl Application {
             })?;
         let roles = RoleClient::new(config.role_info_url.clone(), config.role_timeout);
         let relay: Arc<AppRelay> = Arc::new(Relay::new(store, bus, roles));
+        #[cfg(feature = "fault-injection")]
+        relay.faults.arm_from_env();
         let access = Arc::new(Access::new(
             config.gm_allow.clone(),
             config.gs_allow.clone(),

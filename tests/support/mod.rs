@@ -577,3 +577,5 @@ fn redis_command(port: u16, command: &str) -> io::Result<String> {
         }
     }
 }
+
+pub mod app;

@@ -1,0 +1,320 @@
+//! A whole relay for a test: its own nats-server and redis-server, and the relay either
+//! in-process (fast, inspectable) or as the real `gm-relay` binary (to kill it with -9).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use gm_relay::adapters::http::AppRelay;
+use gm_relay::config::Config;
+use gm_relay::startup::Application;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::{wait_until_async, NatsServer, RedisServer};
+
+/// Bound on a relay starting or stopping in a test.
+pub const RELAY_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Bound on one test HTTP request; polls and sends answer in milliseconds normally.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A legacy reply as the client sees it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {}", self.text()))
+    }
+
+    /// `res` of the reply.
+    pub fn res(&self) -> i64 {
+        self.json()["res"].as_i64().expect("res")
+    }
+
+    /// `errno` of the reply, or None for a success.
+    pub fn errno(&self) -> Option<i64> {
+        self.json().get("errno").and_then(|e| e.as_i64())
+    }
+
+    /// A base64 field decoded and parsed as JSON.
+    pub fn b64_json(&self, field: &str) -> serde_json::Value {
+        let b64 = self.json()[field].as_str().unwrap_or_else(|| panic!("no {field} in {}", self.text())).to_owned();
+        let raw = STANDARD.decode(b64).expect("field is base64");
+        serde_json::from_slice(&raw).expect("field holds JSON")
+    }
+}
+
+pub fn b64(text: &str) -> String {
+    STANDARD.encode(text)
+}
+
+/// Percent-encodes everything but unreserved characters.
+pub fn enc(text: &str) -> String {
+    let mut out = String::new();
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+struct InProcess {
+    addr: SocketAddr,
+    relay: Arc<AppRelay>,
+    stop: oneshot::Sender<()>,
+    join: JoinHandle<std::io::Result<()>>,
+}
+
+pub struct TestApp {
+    pub nats: NatsServer,
+    pub redis: RedisServer,
+    settings: HashMap<String, String>,
+    running: Option<InProcess>,
+    process: Option<(Child, SocketAddr)>,
+    http: reqwest::Client,
+}
+
+impl TestApp {
+    /// Servers plus an in-process relay with default settings.
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(&[]).await
+    }
+
+    /// Servers plus an in-process relay; `settings` override the defaults (env keys).
+    pub async fn spawn_with(settings: &[(&str, &str)]) -> TestApp {
+        let mut app = Self::servers_only(settings);
+        app.start().await;
+        app
+    }
+
+    /// Servers only; start a relay with [`TestApp::start`] or [`TestApp::start_process`].
+    pub fn servers_only(settings: &[(&str, &str)]) -> TestApp {
+        let nats = NatsServer::start();
+        let redis = RedisServer::start();
+        let settings = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        TestApp {
+            nats,
+            redis,
+            settings,
+            running: None,
+            process: None,
+            http: reqwest::Client::builder().timeout(HTTP_TIMEOUT).build().expect("client"),
+        }
+    }
+
+    fn config_map(&self) -> HashMap<String, String> {
+        let mut m: HashMap<String, String> = [
+            ("GM_RELAY_LISTEN", "127.0.0.1:0".to_owned()),
+            ("GM_RELAY_NATS_URL", self.nats.url()),
+            ("GM_RELAY_REDIS_URL", self.redis.url()),
+            ("GM_RELAY_LOG_FORMAT", "pretty".to_owned()),
+            // Tests send faster than people type; rate limits have tests of their own.
+            ("GM_RELAY_RATE_GM_PER_S", "0".to_owned()),
+            ("GM_RELAY_RATE_PLAYER_PER_S", "0".to_owned()),
+            ("GM_RELAY_RATE_IP_PER_S", "0".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        m.extend(self.settings.clone());
+        m
+    }
+
+    /// Starts an in-process relay.
+    pub async fn start(&mut self) {
+        assert!(self.running.is_none() && self.process.is_none(), "a relay is already running");
+        let config = Config::from_map(&self.config_map()).expect("test config is valid");
+        let app = tokio::time::timeout(RELAY_DEADLINE, Application::build(config))
+            .await
+            .expect("relay starts in time")
+            .expect("relay starts");
+        let addr = app.local_addr();
+        let relay = app.relay();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let join = tokio::spawn(app.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        self.running = Some(InProcess { addr, relay, stop, join });
+    }
+
+    /// Stops the in-process relay gracefully (as on SIGTERM) and waits for it.
+    pub async fn stop(&mut self) {
+        let running = self.running.take().expect("an in-process relay is running");
+        let _ = running.stop.send(());
+        tokio::time::timeout(RELAY_DEADLINE, running.join)
+            .await
+            .expect("relay stops in time")
+            .expect("relay task did not panic")
+            .expect("relay stopped cleanly");
+    }
+
+    /// The in-process relay, to arm fault points or call use cases directly.
+    pub fn relay(&self) -> Arc<AppRelay> {
+        Arc::clone(&self.running.as_ref().expect("an in-process relay is running").relay)
+    }
+
+    /// Starts the real `gm-relay serve` binary; `extra_env` adds to the settings.
+    pub async fn start_process(&mut self, extra_env: &[(&str, &str)]) {
+        assert!(self.running.is_none() && self.process.is_none(), "a relay is already running");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().unwrap().port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gm-relay"));
+        cmd.arg("serve").env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in self.config_map() {
+            cmd.env(k, v);
+        }
+        cmd.env("GM_RELAY_LISTEN", addr.to_string());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("gm-relay binary starts");
+        self.process = Some((child, addr));
+        let http = self.http.clone();
+        wait_until_async(RELAY_DEADLINE, "the gm-relay process answers /healthz", || {
+            let http = http.clone();
+            async move { http.get(format!("http://{addr}/healthz")).send().await.is_ok_and(|r| r.status() == 200) }
+        })
+        .await;
+    }
+
+    /// kill -9 of the relay process.
+    pub fn kill_process(&mut self) {
+        let (mut child, _) = self.process.take().expect("a relay process is running");
+        child.kill().expect("kill -9 the relay");
+        child.wait().expect("reap the relay");
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        match (&self.running, &self.process) {
+            (Some(r), _) => r.addr,
+            (_, Some((_, addr))) => *addr,
+            _ => panic!("no relay running"),
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// GET `path?query` with extra headers.
+    pub async fn get_with(&self, path_and_query: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut req = self.http.get(format!("{}{path_and_query}", self.base_url()));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("GET {path_and_query}: {e}"));
+        let status = resp.status().as_u16();
+        let content_type =
+            resp.headers().get("content-type").map(|v| v.to_str().unwrap_or("").to_owned()).unwrap_or_default();
+        let body = resp.bytes().await.expect("body").to_vec();
+        Reply { status, content_type, body }
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> Reply {
+        self.get_with(path_and_query, &[]).await
+    }
+
+    /// `GET /gm?<query>`.
+    pub async fn gm(&self, query: &str) -> Reply {
+        self.get(&format!("/gm?{query}")).await
+    }
+
+    /// `GET /gs?<query>`.
+    pub async fn gs(&self, query: &str) -> Reply {
+        self.get(&format!("/gs?{query}")).await
+    }
+
+    /// Creates GM `gm` named `name`; asserts success.
+    pub async fn create_gm(&self, gm: i64, name: &str) {
+        let r = self.gm(&format!("action=create&gm_account={gm}&gm_name={}", enc(name))).await;
+        assert_eq!(r.json(), serde_json::json!({"res": 1}), "create {gm}");
+    }
+
+    /// Befriends `uid` on `host` for `gm`; asserts success.
+    pub async fn add(&self, gm: i64, host: i64, uid: i64) {
+        let r = self.gm(&format!("action=add&gm_account={gm}&host={host}&uid={uid}")).await;
+        assert_eq!(r.json(), serde_json::json!({"res": 1}), "add {gm} {host} {uid}");
+    }
+
+    /// GM sends `text`; returns the reply.
+    pub async fn gm_send(&self, gm: i64, uid: i64, text: &str) -> Reply {
+        self.gm(&format!("action=send&gm_account={gm}&uid={uid}&msg={}", enc(&b64(text)))).await
+    }
+
+    /// Player sends `text` through a legacy game server; returns the reply.
+    pub async fn gs_send(&self, uid: i64, text: &str) -> Reply {
+        self.gs(&format!("action=send&uid={uid}&msg={}", enc(&b64(text)))).await
+    }
+
+    /// GS `receive` for `host`: `[(uid, [texts])]`, texts decoded from base64.
+    pub async fn gs_receive(&self, host: i64) -> Vec<(String, Vec<String>)> {
+        let r = self.gs(&format!("action=receive&host={host}")).await;
+        assert_eq!(r.res(), 1, "{}", r.text());
+        r.b64_json("data")
+            .as_array()
+            .expect("data is a list")
+            .iter()
+            .map(|e| (e["uid"].as_str().expect("uid string").to_owned(), decode_joined(e["msg"].as_str().unwrap())))
+            .collect()
+    }
+
+    /// GM `receive`: `{gm: [(uid, [texts])]}`.
+    pub async fn gm_receive(&self) -> HashMap<String, Vec<(String, Vec<String>)>> {
+        let r = self.gm("action=receive").await;
+        assert_eq!(r.res(), 1, "{}", r.text());
+        r.b64_json("data")
+            .as_object()
+            .expect("data is an object")
+            .iter()
+            .map(|(gm, entries)| {
+                let entries = entries
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| (e["uid"].as_str().unwrap().to_owned(), decode_joined(e["msg"].as_str().unwrap())))
+                    .collect();
+                (gm.clone(), entries)
+            })
+            .collect()
+    }
+
+    /// GS `relation` for `host`: (apply `{uid: [gm, name]}`, remove `[uid]`).
+    pub async fn relation(&self, host: i64) -> (serde_json::Value, serde_json::Value) {
+        let r = self.gs(&format!("action=relation&host={host}")).await;
+        assert_eq!(r.res(), 1, "{}", r.text());
+        (r.b64_json("apply_data"), r.b64_json("remove_data"))
+    }
+}
+
+/// Splits a `,`-joined receive `msg` and decodes each part.
+pub fn decode_joined(msg: &str) -> Vec<String> {
+    msg.split(',')
+        .map(|m| String::from_utf8(STANDARD.decode(m).expect("each message is base64")).expect("UTF-8"))
+        .collect()
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some((mut child, _)) = self.process.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
