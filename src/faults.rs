@@ -8,21 +8,26 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use tokio::sync::Notify;
-
 #[derive(Default)]
 pub struct Faults {
     armed: Mutex<HashSet<String>>,
-    reached: Notify,
     hits: Mutex<Vec<&'static str>>,
 }
 
 impl Faults {
-    pub fn arm(&self, name: &'static str) {
+    pub fn arm(&self, name: &str) {
         self.armed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name);
+            .insert(name.to_owned());
+    }
+
+    /// Arms the points named in `GM_RELAY_FAULTS`.
+    pub fn arm_from_env(&self) {
+        let names = std::env::var("GM_RELAY_FAULTS").unwrap_or_default();
+        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            self.arm(name);
+        }
     }
 
     /// Names of the armed points reached so far.
@@ -42,7 +47,6 @@ impl Faults {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(name);
-            self.reached.notify_waiters();
             std::future::pending::<()>().await;
         }
     }

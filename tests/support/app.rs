@@ -37,7 +37,8 @@ impl Reply {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("reply is not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("reply is not JSON ({e}): {}", self.text()))
     }
 
     /// `res` of the reply.
@@ -52,7 +53,10 @@ impl Reply {
 
     /// A base64 field decoded and parsed as JSON.
     pub fn b64_json(&self, field: &str) -> serde_json::Value {
-        let b64 = self.json()[field].as_str().unwrap_or_else(|| panic!("no {field} in {}", self.text())).to_owned();
+        let b64 = self.json()[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {field} in {}", self.text()))
+            .to_owned();
         let raw = STANDARD.decode(b64).expect("field is base64");
         serde_json::from_slice(&raw).expect("field holds JSON")
     }
@@ -108,14 +112,20 @@ impl TestApp {
     pub fn servers_only(settings: &[(&str, &str)]) -> TestApp {
         let nats = NatsServer::start();
         let redis = RedisServer::start();
-        let settings = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let settings = settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         TestApp {
             nats,
             redis,
             settings,
             running: None,
             process: None,
-            http: reqwest::Client::builder().timeout(HTTP_TIMEOUT).build().expect("client"),
+            http: reqwest::Client::builder()
+                .timeout(HTTP_TIMEOUT)
+                .build()
+                .expect("client"),
         }
     }
 
@@ -139,7 +149,10 @@ impl TestApp {
 
     /// Starts an in-process relay.
     pub async fn start(&mut self) {
-        assert!(self.running.is_none() && self.process.is_none(), "a relay is already running");
+        assert!(
+            self.running.is_none() && self.process.is_none(),
+            "a relay is already running"
+        );
         let config = Config::from_map(&self.config_map()).expect("test config is valid");
         let app = tokio::time::timeout(RELAY_DEADLINE, Application::build(config))
             .await
@@ -151,7 +164,12 @@ impl TestApp {
         let join = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
         }));
-        self.running = Some(InProcess { addr, relay, stop, join });
+        self.running = Some(InProcess {
+            addr,
+            relay,
+            stop,
+            join,
+        });
     }
 
     /// Stops the in-process relay gracefully (as on SIGTERM) and waits for it.
@@ -167,16 +185,31 @@ impl TestApp {
 
     /// The in-process relay, to arm fault points or call use cases directly.
     pub fn relay(&self) -> Arc<AppRelay> {
-        Arc::clone(&self.running.as_ref().expect("an in-process relay is running").relay)
+        Arc::clone(
+            &self
+                .running
+                .as_ref()
+                .expect("an in-process relay is running")
+                .relay,
+        )
     }
 
     /// Starts the real `gm-relay serve` binary; `extra_env` adds to the settings.
     pub async fn start_process(&mut self, extra_env: &[(&str, &str)]) {
-        assert!(self.running.is_none() && self.process.is_none(), "a relay is already running");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().unwrap().port();
+        assert!(
+            self.running.is_none() && self.process.is_none(),
+            "a relay is already running"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .unwrap()
+            .port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gm-relay"));
-        cmd.arg("serve").env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        cmd.arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
         for (k, v) in self.config_map() {
             cmd.env(k, v);
         }
@@ -184,13 +217,26 @@ impl TestApp {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("gm-relay binary starts");
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("gm-relay binary starts");
         self.process = Some((child, addr));
         let http = self.http.clone();
-        wait_until_async(RELAY_DEADLINE, "the gm-relay process answers /healthz", || {
-            let http = http.clone();
-            async move { http.get(format!("http://{addr}/healthz")).send().await.is_ok_and(|r| r.status() == 200) }
-        })
+        wait_until_async(
+            RELAY_DEADLINE,
+            "the gm-relay process answers /healthz",
+            || {
+                let http = http.clone();
+                async move {
+                    http.get(format!("http://{addr}/healthz"))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status() == 200)
+                }
+            },
+        )
         .await;
     }
 
@@ -215,16 +261,28 @@ impl TestApp {
 
     /// GET `path?query` with extra headers.
     pub async fn get_with(&self, path_and_query: &str, headers: &[(&str, &str)]) -> Reply {
-        let mut req = self.http.get(format!("{}{path_and_query}", self.base_url()));
+        let mut req = self
+            .http
+            .get(format!("{}{path_and_query}", self.base_url()));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = req.send().await.unwrap_or_else(|e| panic!("GET {path_and_query}: {e}"));
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path_and_query}: {e}"));
         let status = resp.status().as_u16();
-        let content_type =
-            resp.headers().get("content-type").map(|v| v.to_str().unwrap_or("").to_owned()).unwrap_or_default();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap_or("").to_owned())
+            .unwrap_or_default();
         let body = resp.bytes().await.expect("body").to_vec();
-        Reply { status, content_type, body }
+        Reply {
+            status,
+            content_type,
+            body,
+        }
     }
 
     pub async fn get(&self, path_and_query: &str) -> Reply {
@@ -243,24 +301,40 @@ impl TestApp {
 
     /// Creates GM `gm` named `name`; asserts success.
     pub async fn create_gm(&self, gm: i64, name: &str) {
-        let r = self.gm(&format!("action=create&gm_account={gm}&gm_name={}", enc(name))).await;
+        let r = self
+            .gm(&format!(
+                "action=create&gm_account={gm}&gm_name={}",
+                enc(name)
+            ))
+            .await;
         assert_eq!(r.json(), serde_json::json!({"res": 1}), "create {gm}");
     }
 
     /// Befriends `uid` on `host` for `gm`; asserts success.
     pub async fn add(&self, gm: i64, host: i64, uid: i64) {
-        let r = self.gm(&format!("action=add&gm_account={gm}&host={host}&uid={uid}")).await;
-        assert_eq!(r.json(), serde_json::json!({"res": 1}), "add {gm} {host} {uid}");
+        let r = self
+            .gm(&format!("action=add&gm_account={gm}&host={host}&uid={uid}"))
+            .await;
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"res": 1}),
+            "add {gm} {host} {uid}"
+        );
     }
 
     /// GM sends `text`; returns the reply.
     pub async fn gm_send(&self, gm: i64, uid: i64, text: &str) -> Reply {
-        self.gm(&format!("action=send&gm_account={gm}&uid={uid}&msg={}", enc(&b64(text)))).await
+        self.gm(&format!(
+            "action=send&gm_account={gm}&uid={uid}&msg={}",
+            enc(&b64(text))
+        ))
+        .await
     }
 
     /// Player sends `text` through a legacy game server; returns the reply.
     pub async fn gs_send(&self, uid: i64, text: &str) -> Reply {
-        self.gs(&format!("action=send&uid={uid}&msg={}", enc(&b64(text)))).await
+        self.gs(&format!("action=send&uid={uid}&msg={}", enc(&b64(text))))
+            .await
     }
 
     /// GS `receive` for `host`: `[(uid, [texts])]`, texts decoded from base64.
@@ -271,7 +345,12 @@ impl TestApp {
             .as_array()
             .expect("data is a list")
             .iter()
-            .map(|e| (e["uid"].as_str().expect("uid string").to_owned(), decode_joined(e["msg"].as_str().unwrap())))
+            .map(|e| {
+                (
+                    e["uid"].as_str().expect("uid string").to_owned(),
+                    decode_joined(e["msg"].as_str().unwrap()),
+                )
+            })
             .collect()
     }
 
@@ -288,7 +367,12 @@ impl TestApp {
                     .as_array()
                     .unwrap()
                     .iter()
-                    .map(|e| (e["uid"].as_str().unwrap().to_owned(), decode_joined(e["msg"].as_str().unwrap())))
+                    .map(|e| {
+                        (
+                            e["uid"].as_str().unwrap().to_owned(),
+                            decode_joined(e["msg"].as_str().unwrap()),
+                        )
+                    })
                     .collect();
                 (gm.clone(), entries)
             })
@@ -306,7 +390,9 @@ impl TestApp {
 /// Splits a `,`-joined receive `msg` and decodes each part.
 pub fn decode_joined(msg: &str) -> Vec<String> {
     msg.split(',')
-        .map(|m| String::from_utf8(STANDARD.decode(m).expect("each message is base64")).expect("UTF-8"))
+        .map(|m| {
+            String::from_utf8(STANDARD.decode(m).expect("each message is base64")).expect("UTF-8")
+        })
         .collect()
 }
 
