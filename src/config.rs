@@ -50,114 +50,40 @@ pub struct ConfigError {
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key: key.to_owned(),
-        reason: reason.into(),
-    }
+    ConfigError { key: key.to_owned(), reason: reason.into() }
 }
 
 /// Every key, its default and a line of help; the README's table mirrors this list.
 pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("GM_RELAY_LISTEN", "127.0.0.1:8080", "HTTP listen address"),
-    (
-        "GM_RELAY_NATS_URL",
-        "nats://127.0.0.1:4222",
-        "NATS server URL",
-    ),
+    ("GM_RELAY_NATS_URL", "nats://127.0.0.1:4222", "NATS server URL"),
     ("GM_RELAY_REDIS_URL", "redis://127.0.0.1:6379", "Redis URL"),
     ("GM_RELAY_GM_PATH", "/gm", "path of the legacy GM endpoint"),
-    (
-        "GM_RELAY_GS_PATH",
-        "/gs",
-        "path of the legacy game-server endpoint",
-    ),
-    (
-        "GM_RELAY_GM_ALLOW",
-        "127.0.0.1,::1",
-        "IPs/CIDRs allowed on the GM endpoint",
-    ),
-    (
-        "GM_RELAY_GS_ALLOW",
-        "127.0.0.1,::1",
-        "IPs/CIDRs allowed on the GS endpoint",
-    ),
-    (
-        "GM_RELAY_GS_LIST_URL",
-        "",
-        "server list URL whose IPs join the GS allowlist",
-    ),
-    (
-        "GM_RELAY_GS_LIST_REFRESH_S",
-        "60",
-        "server list refresh period, seconds",
-    ),
-    (
-        "GM_RELAY_ROLE_INFO_URL",
-        "",
-        "role service URL template with {uid} and {host}; empty = off",
-    ),
-    (
-        "GM_RELAY_ROLE_TIMEOUT_MS",
-        "2000",
-        "role service timeout, milliseconds",
-    ),
-    (
-        "GM_RELAY_TRUSTED_PROXIES",
-        "",
-        "proxies whose X-Real-IP / X-Forwarded-For are believed",
-    ),
-    (
-        "GM_RELAY_RETENTION_MAX_AGE",
-        "7d",
-        "how long a stream keeps a message",
-    ),
-    (
-        "GM_RELAY_RETENTION_MAX_BYTES",
-        "10GiB",
-        "size bound of each stream",
-    ),
-    (
-        "GM_RELAY_STREAM_REPLICAS",
-        "1",
-        "stream replicas (3 on a cluster)",
-    ),
-    (
-        "GM_RELAY_RATE_GM_PER_S",
-        "10",
-        "GM sends per second per GM; 0 = off",
-    ),
-    (
-        "GM_RELAY_RATE_PLAYER_PER_S",
-        "5",
-        "player sends per second per player; 0 = off",
-    ),
-    (
-        "GM_RELAY_RATE_IP_PER_S",
-        "2000",
-        "requests per second per client IP; 0 = off",
-    ),
-    (
-        "GM_RELAY_SESSION_KEY",
-        "",
-        "console session signing key (required when the console is on)",
-    ),
+    ("GM_RELAY_GS_PATH", "/gs", "path of the legacy game-server endpoint"),
+    ("GM_RELAY_GM_ALLOW", "127.0.0.1,::1", "IPs/CIDRs allowed on the GM endpoint"),
+    ("GM_RELAY_GS_ALLOW", "127.0.0.1,::1", "IPs/CIDRs allowed on the GS endpoint"),
+    ("GM_RELAY_GS_LIST_URL", "", "server list URL whose IPs join the GS allowlist"),
+    ("GM_RELAY_GS_LIST_REFRESH_S", "60", "server list refresh period, seconds"),
+    ("GM_RELAY_ROLE_INFO_URL", "", "role service URL template with {uid} and {host}; empty = off"),
+    ("GM_RELAY_ROLE_TIMEOUT_MS", "2000", "role service timeout, milliseconds"),
+    ("GM_RELAY_TRUSTED_PROXIES", "", "proxies whose X-Real-IP / X-Forwarded-For are believed"),
+    ("GM_RELAY_RETENTION_MAX_AGE", "7d", "how long a stream keeps a message"),
+    ("GM_RELAY_RETENTION_MAX_BYTES", "10GiB", "size bound of each stream"),
+    ("GM_RELAY_STREAM_REPLICAS", "1", "stream replicas (3 on a cluster)"),
+    ("GM_RELAY_RATE_GM_PER_S", "10", "GM sends per second per GM; 0 = off"),
+    ("GM_RELAY_RATE_PLAYER_PER_S", "5", "player sends per second per player; 0 = off"),
+    ("GM_RELAY_RATE_IP_PER_S", "2000", "requests per second per client IP; 0 = off"),
+    ("GM_RELAY_SESSION_KEY", "", "console session signing key (required when the console is on)"),
     ("GM_RELAY_LOG_FORMAT", "json", "json or pretty"),
-    (
-        "GM_RELAY_SHUTDOWN_TIMEOUT_S",
-        "10",
-        "bound on graceful shutdown, seconds",
-    ),
+    ("GM_RELAY_SHUTDOWN_TIMEOUT_S", "10", "bound on graceful shutdown, seconds"),
 ];
 
 impl Config {
     /// Reads the file named by `config_path` (or `GM_RELAY_CONFIG`) and the environment.
     pub fn load(config_path: Option<&str>) -> Result<Config, ConfigError> {
-        let env: HashMap<String, String> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("GM_RELAY_"))
-            .collect();
-        let path = config_path
-            .map(str::to_owned)
-            .or_else(|| env.get("GM_RELAY_CONFIG").cloned());
+        let env: HashMap<String, String> =
+            std::env::vars().filter(|(k, _)| k.starts_with("GM_RELAY_")).collect();
+        let path = config_path.map(str::to_owned).or_else(|| env.get("GM_RELAY_CONFIG").cloned());
         let mut values = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(&p)
@@ -174,28 +100,14 @@ impl Config {
     pub fn from_map(values: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let get = |key: &str| -> String {
             values.get(key).cloned().unwrap_or_else(|| {
-                SETTINGS
-                    .iter()
-                    .find(|(k, _, _)| *k == key)
-                    .map(|(_, d, _)| d.to_string())
-                    .unwrap_or_default()
+                SETTINGS.iter().find(|(k, _, _)| *k == key).map(|(_, d, _)| d.to_string()).unwrap_or_default()
             })
         };
         let opt = |key: &str| Some(get(key)).filter(|v| !v.trim().is_empty());
         let config = Config {
-            listen: get("GM_RELAY_LISTEN")
-                .parse()
-                .map_err(|e| invalid("GM_RELAY_LISTEN", format!("{e}")))?,
-            nats_url: url_like(
-                "GM_RELAY_NATS_URL",
-                get("GM_RELAY_NATS_URL"),
-                &["nats://", "tls://"],
-            )?,
-            redis_url: url_like(
-                "GM_RELAY_REDIS_URL",
-                get("GM_RELAY_REDIS_URL"),
-                &["redis://", "rediss://"],
-            )?,
+            listen: get("GM_RELAY_LISTEN").parse().map_err(|e| invalid("GM_RELAY_LISTEN", format!("{e}")))?,
+            nats_url: url_like("GM_RELAY_NATS_URL", get("GM_RELAY_NATS_URL"), &["nats://", "tls://"])?,
+            redis_url: url_like("GM_RELAY_REDIS_URL", get("GM_RELAY_REDIS_URL"), &["redis://", "rediss://"])?,
             gm_path: path("GM_RELAY_GM_PATH", get("GM_RELAY_GM_PATH"))?,
             gs_path: path("GM_RELAY_GS_PATH", get("GM_RELAY_GS_PATH"))?,
             gm_allow: nets("GM_RELAY_GM_ALLOW", &get("GM_RELAY_GM_ALLOW"))?,
@@ -215,22 +127,10 @@ impl Config {
                 &get("GM_RELAY_ROLE_TIMEOUT_MS"),
             )?),
             trusted_proxies: nets("GM_RELAY_TRUSTED_PROXIES", &get("GM_RELAY_TRUSTED_PROXIES"))?,
-            retention_max_age: parse_duration(&get("GM_RELAY_RETENTION_MAX_AGE")).ok_or_else(
-                || {
-                    invalid(
-                        "GM_RELAY_RETENTION_MAX_AGE",
-                        "expected e.g. 7d, 12h, 30m, 90s",
-                    )
-                },
-            )?,
-            retention_max_bytes: parse_bytes(&get("GM_RELAY_RETENTION_MAX_BYTES")).ok_or_else(
-                || {
-                    invalid(
-                        "GM_RELAY_RETENTION_MAX_BYTES",
-                        "expected e.g. 10GiB, 512MiB",
-                    )
-                },
-            )?,
+            retention_max_age: parse_duration(&get("GM_RELAY_RETENTION_MAX_AGE"))
+                .ok_or_else(|| invalid("GM_RELAY_RETENTION_MAX_AGE", "expected e.g. 7d, 12h, 30m, 90s"))?,
+            retention_max_bytes: parse_bytes(&get("GM_RELAY_RETENTION_MAX_BYTES"))
+                .ok_or_else(|| invalid("GM_RELAY_RETENTION_MAX_BYTES", "expected e.g. 10GiB, 512MiB"))?,
             stream_replicas: match get("GM_RELAY_STREAM_REPLICAS").trim() {
                 "1" => 1,
                 "3" => 3,
@@ -238,10 +138,7 @@ impl Config {
                 _ => return Err(invalid("GM_RELAY_STREAM_REPLICAS", "expected 1, 3 or 5")),
             },
             rate_gm_per_s: rate("GM_RELAY_RATE_GM_PER_S", &get("GM_RELAY_RATE_GM_PER_S"))?,
-            rate_player_per_s: rate(
-                "GM_RELAY_RATE_PLAYER_PER_S",
-                &get("GM_RELAY_RATE_PLAYER_PER_S"),
-            )?,
+            rate_player_per_s: rate("GM_RELAY_RATE_PLAYER_PER_S", &get("GM_RELAY_RATE_PLAYER_PER_S"))?,
             rate_ip_per_s: rate("GM_RELAY_RATE_IP_PER_S", &get("GM_RELAY_RATE_IP_PER_S"))?,
             session_key: opt("GM_RELAY_SESSION_KEY"),
             log_format: match get("GM_RELAY_LOG_FORMAT").trim() {
@@ -255,10 +152,7 @@ impl Config {
             )?),
         };
         if config.gm_path == config.gs_path {
-            return Err(invalid(
-                "GM_RELAY_GS_PATH",
-                "must differ from GM_RELAY_GM_PATH",
-            ));
+            return Err(invalid("GM_RELAY_GS_PATH", "must differ from GM_RELAY_GM_PATH"));
         }
         Ok(config)
     }
@@ -271,18 +165,12 @@ fn parse_file(text: &str) -> Result<HashMap<String, String>, ConfigError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (k, v) = line.split_once('=').ok_or_else(|| {
-            invalid(
-                "GM_RELAY_CONFIG",
-                format!("line {}: expected KEY=value", n + 1),
-            )
-        })?;
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| invalid("GM_RELAY_CONFIG", format!("line {}: expected KEY=value", n + 1)))?;
         let k = k.trim();
         if !SETTINGS.iter().any(|(key, _, _)| *key == k) {
-            return Err(invalid(
-                k,
-                format!("unknown setting (config file line {})", n + 1),
-            ));
+            return Err(invalid(k, format!("unknown setting (config file line {})", n + 1)));
         }
         out.insert(k.to_owned(), v.trim().trim_matches('"').to_owned());
     }
@@ -293,20 +181,13 @@ fn url_like(key: &str, v: String, schemes: &[&str]) -> Result<String, ConfigErro
     if schemes.iter().any(|s| v.starts_with(s)) && v.len() > 8 {
         Ok(v)
     } else {
-        Err(invalid(
-            key,
-            format!("expected a URL starting with {}", schemes.join(" or ")),
-        ))
+        Err(invalid(key, format!("expected a URL starting with {}", schemes.join(" or "))))
     }
 }
 
 fn path(key: &str, v: String) -> Result<String, ConfigError> {
     let reserved = ["/healthz", "/readyz", "/metrics"];
-    if !v.starts_with('/')
-        || v.len() < 2
-        || v.contains(['?', '#', ' '])
-        || reserved.contains(&v.as_str())
-    {
+    if !v.starts_with('/') || v.len() < 2 || v.contains(['?', '#', ' ']) || reserved.contains(&v.as_str()) {
         return Err(invalid(key, "expected a path like /gm"));
     }
     Ok(v)
@@ -333,9 +214,7 @@ fn positive(key: &str, v: &str) -> Result<u64, ConfigError> {
 }
 
 fn rate(key: &str, v: &str) -> Result<u32, ConfigError> {
-    v.trim()
-        .parse::<u32>()
-        .map_err(|_| invalid(key, "expected a non-negative integer (0 = off)"))
+    v.trim().parse::<u32>().map_err(|_| invalid(key, "expected a non-negative integer (0 = off)"))
 }
 
 /// `7d`, `12h`, `30m`, `90s`.
@@ -356,22 +235,12 @@ pub fn parse_duration(v: &str) -> Option<Duration> {
 /// `10GiB`, `512MiB`, `64KiB`, `1000` (bytes).
 pub fn parse_bytes(v: &str) -> Option<i64> {
     let v = v.trim();
-    let (digits, mult) = [
-        ("TiB", 1i64 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-        ("B", 1),
-    ]
-    .iter()
-    .find_map(|(suffix, m)| v.strip_suffix(suffix).map(|d| (d, *m)))
-    .unwrap_or((v, 1));
-    digits
-        .trim()
-        .parse::<i64>()
-        .ok()
-        .filter(|n| *n > 0)?
-        .checked_mul(mult)
+    let (digits, mult) =
+        [("TiB", 1i64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1)]
+            .iter()
+            .find_map(|(suffix, m)| v.strip_suffix(suffix).map(|d| (d, *m)))
+            .unwrap_or((v, 1));
+    digits.trim().parse::<i64>().ok().filter(|n| *n > 0)?.checked_mul(mult)
 }
 
 #[cfg(test)]
@@ -379,12 +248,7 @@ mod tests {
     use super::*;
 
     fn with(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        Config::from_map(
-            &pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
+        Config::from_map(&pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
     }
 
     #[test]
@@ -418,14 +282,10 @@ mod tests {
     #[test]
     fn file_lines_and_unknown_keys() {
         let m =
-            parse_file("# comment\nGM_RELAY_LISTEN = 127.0.0.1:9000\n\nGM_RELAY_GM_PATH=\"/g\"\n")
-                .unwrap();
+            parse_file("# comment\nGM_RELAY_LISTEN = 127.0.0.1:9000\n\nGM_RELAY_GM_PATH=\"/g\"\n").unwrap();
         assert_eq!(m["GM_RELAY_LISTEN"], "127.0.0.1:9000");
         assert_eq!(m["GM_RELAY_GM_PATH"], "/g");
-        assert_eq!(
-            parse_file("GM_RELAY_NOPE=1").unwrap_err().key,
-            "GM_RELAY_NOPE"
-        );
+        assert_eq!(parse_file("GM_RELAY_NOPE=1").unwrap_err().key, "GM_RELAY_NOPE");
     }
 
     #[test]

@@ -16,10 +16,7 @@ pub struct Faults {
 
 impl Faults {
     pub fn arm(&self, name: &str) {
-        self.armed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_owned());
+        self.armed.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned());
     }
 
     /// Arms the points named in `GM_RELAY_FAULTS`.
@@ -36,17 +33,9 @@ impl Faults {
     }
 
     pub async fn park_if_armed(&self, name: &'static str) {
-        if self
-            .armed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name)
-        {
+        if self.armed.lock().unwrap_or_else(|p| p.into_inner()).contains(name) {
             tracing::warn!(fault = name, "fault point reached: parking this task");
-            self.hits
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(name);
+            self.hits.lock().unwrap_or_else(|p| p.into_inner()).push(name);
             std::future::pending::<()>().await;
         }
     }

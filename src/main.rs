@@ -44,12 +44,8 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let app = Application::build(config)
-        .await
-        .context("start-up failed")?;
-    app.run_until_stopped(shutdown_signal())
-        .await
-        .context("server failed")
+    let app = Application::build(config).await.context("start-up failed")?;
+    app.run_until_stopped(shutdown_signal()).await.context("server failed")
 }
 
 /// SIGTERM or Ctrl-C.

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub poll_size: HistogramVec,
     /// Events waiting in the outbox when last looked at.
     pub outbox_depth: IntGauge,
+    /// Requests refused with errno 8, by limit: `ip`, `gm` (GM sends), `gs` (player sends).
+    pub rate_limited: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -25,22 +27,15 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry =
-            Registry::new_custom(Some("gm_relay".into()), None).expect("static prefix is valid");
+        let registry = Registry::new_custom(Some("gm_relay".into()), None).expect("static prefix is valid");
         let requests = IntCounterVec::new(
-            Opts::new(
-                "requests_total",
-                "Legacy HTTP requests by side, action and result",
-            ),
+            Opts::new("requests_total", "Legacy HTTP requests by side, action and result"),
             &["side", "action", "result"],
         )
         .expect("static metric definition");
         let publish_seconds = HistogramVec::new(
-            HistogramOpts::new("publish_seconds", "Publish to JetStream acknowledgement").buckets(
-                vec![
-                    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2.0,
-                ],
-            ),
+            HistogramOpts::new("publish_seconds", "Publish to JetStream acknowledgement")
+                .buckets(vec![0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2.0]),
             &["route"],
         )
         .expect("static metric definition");
@@ -50,9 +45,11 @@ impl Metrics {
             &["feed"],
         )
         .expect("static metric definition");
-        let outbox_depth = IntGauge::new(
-            "outbox_depth",
-            "Friend and presence events not yet published",
+        let outbox_depth = IntGauge::new("outbox_depth", "Friend and presence events not yet published")
+            .expect("static metric definition");
+        let rate_limited = IntCounterVec::new(
+            Opts::new("rate_limited_total", "Requests refused by a rate limit (errno 8)"),
+            &["limit"],
         )
         .expect("static metric definition");
         for c in [
@@ -60,16 +57,11 @@ impl Metrics {
             Box::new(publish_seconds.clone()),
             Box::new(poll_size.clone()),
             Box::new(outbox_depth.clone()),
+            Box::new(rate_limited.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
-        Self {
-            registry,
-            requests,
-            publish_seconds,
-            poll_size,
-            outbox_depth,
-        }
+        Self { registry, requests, publish_seconds, poll_size, outbox_depth, rate_limited }
     }
 
     /// The Prometheus text exposition.

@@ -47,11 +47,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             if *shutdown.borrow() {
                 break;
             }
-            let pause = if failed {
-                OUTBOX_RETRY_BACKOFF
-            } else {
-                OUTBOX_IDLE_CHECK
-            };
+            let pause = if failed { OUTBOX_RETRY_BACKOFF } else { OUTBOX_IDLE_CHECK };
             tokio::select! {
                 _ = self.outbox_kick.notified(), if !failed => {}
                 _ = tokio::time::sleep(pause) => {}
@@ -84,20 +80,14 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
                 return Ok(total);
             }
             let seqs: Vec<u64> = items.iter().map(|i| i.seq).collect();
-            let batch: Vec<(Route, Envelope)> = items
-                .into_iter()
-                .map(|i| (Route::ToHost(i.event.host), i.event))
-                .collect();
+            let batch: Vec<(Route, Envelope)> =
+                items.into_iter().map(|i| (Route::ToHost(i.event.host), i.event)).collect();
             crate::fault_point!(self, "outbox_before_publish");
             let (acked, error) = self.bus.publish_ordered(&batch).await;
             crate::fault_point!(self, "outbox_after_publish");
             if acked > 0 {
                 let seq = seqs[acked - 1];
-                if !self
-                    .store
-                    .outbox_remove(OUTBOX_LEASE, token, acked, seq)
-                    .await?
-                {
+                if !self.store.outbox_remove(OUTBOX_LEASE, token, acked, seq).await? {
                     tracing::warn!("outbox lease lost mid-drain; another relay continues");
                     return Ok(total);
                 }
@@ -113,11 +103,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             if let Some(e) = error {
                 return Err(e);
             }
-            if !self
-                .store
-                .renew_lease(OUTBOX_LEASE, token, OUTBOX_LEASE_TTL)
-                .await?
-            {
+            if !self.store.renew_lease(OUTBOX_LEASE, token, OUTBOX_LEASE_TTL).await? {
                 return Ok(total);
             }
         }

@@ -12,6 +12,7 @@ use crate::domain::poll::{plan_chat, plan_relation, Conversation, Grouping, Rela
 use crate::domain::ports::{
     Delivery, EventBus, Feed, FriendStore, LeaseToken, RoleService, RoleVerdict, Route, Settle,
 };
+use crate::domain::rate::RateLimiter;
 use crate::domain::{ChatText, Envelope, Errno, GmId, GmName, HostId, RelayError, Uid};
 
 /// Hosts numbered from here on are "external" servers whose players the role service must
@@ -40,10 +41,19 @@ const PUBLISH_FLUSH_WAIT: Duration = Duration::from_secs(2);
 /// relay holds the outbox lease.
 const FLUSH_RECHECK: Duration = Duration::from_millis(20);
 
+/// Chat rate limits (per second; 0 = off).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChatLimits {
+    pub gm_per_s: u32,
+    pub player_per_s: u32,
+}
+
 pub struct Relay<S, B, R> {
     pub(crate) store: S,
     pub(crate) bus: B,
     roles: R,
+    gm_rate: RateLimiter<GmId>,
+    player_rate: RateLimiter<Uid>,
     /// Wakes the outbox drainer after a commit.
     pub(crate) outbox_kick: Notify,
     /// Newest outbox seq this relay knows to be published.
@@ -59,11 +69,13 @@ pub struct Relay<S, B, R> {
 pub type ChatReply = Vec<Conversation>;
 
 impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
-    pub fn new(store: S, bus: B, roles: R) -> Self {
+    pub fn new(store: S, bus: B, roles: R, limits: ChatLimits) -> Self {
         Self {
             store,
             bus,
             roles,
+            gm_rate: RateLimiter::new(limits.gm_per_s),
+            player_rate: RateLimiter::new(limits.player_per_s),
             outbox_kick: Notify::new(),
             outbox_published: watch::channel(0).0,
             poll_locks: Mutex::new(HashMap::new()),
@@ -96,20 +108,14 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
                 }
             }
         }
-        let seq = self
-            .store
-            .add_friend(gm, host, uid, &new_event_id(), now_ms())
-            .await?;
+        let seq = self.store.add_friend(gm, host, uid, &new_event_id(), now_ms()).await?;
         crate::fault_point!(self, "add_after_commit");
         self.await_published(seq).await;
         Ok(())
     }
 
     pub async fn remove(&self, gm: GmId, uid: Uid) -> Result<(), RelayError> {
-        let seq = self
-            .store
-            .remove_friend(gm, uid, &new_event_id(), now_ms())
-            .await?;
+        let seq = self.store.remove_friend(gm, uid, &new_event_id(), now_ms()).await?;
         self.await_published(seq).await;
         Ok(())
     }
@@ -122,11 +128,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
     }
 
     pub async fn offline(&self, gm: GmId) -> Result<(), RelayError> {
-        if let Some(seq) = self
-            .store
-            .set_offline(gm, &new_event_id(), now_ms())
-            .await?
-        {
+        if let Some(seq) = self.store.set_offline(gm, &new_event_id(), now_ms()).await? {
             self.await_published(seq).await;
         }
         Ok(())
@@ -136,6 +138,9 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
     pub async fn gm_send(&self, gm: GmId, uid: Uid, msg: &[u8]) -> Result<String, RelayError> {
         let host = self.store.gm_chat_target(gm, uid).await?;
         let text = ChatText::from_base64(msg).ok_or(Errno::BadMsg)?;
+        if !self.gm_rate.allow(&gm) {
+            return Err(Errno::RateLimited.into());
+        }
         let event = Envelope::chat(new_event_id(), host, uid, gm, text.as_str(), now_ms());
         self.bus.publish(Route::ToHost(host), &event).await?;
         Ok(event.id)
@@ -145,14 +150,10 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
     pub async fn gs_send(&self, uid: Uid, msg: &[u8]) -> Result<String, RelayError> {
         let link = self.store.player_link(uid).await?;
         let text = ChatText::from_base64(msg).ok_or(Errno::BadMsg)?;
-        let event = Envelope::chat(
-            new_event_id(),
-            link.host,
-            uid,
-            link.gm,
-            text.as_str(),
-            now_ms(),
-        );
+        if !self.player_rate.allow(&uid) {
+            return Err(Errno::RateLimited.into());
+        }
+        let event = Envelope::chat(new_event_id(), link.host, uid, link.gm, text.as_str(), now_ms());
         self.bus.publish(Route::ToGm(link.gm), &event).await?;
         Ok(event.id)
     }
@@ -166,16 +167,12 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         self: &Arc<Self>,
         host: HostId,
     ) -> Result<PollTicket<ChatReply, S, B, R>, RelayError> {
-        self.poll(Feed::HostChat(host), |d| plan_chat(d, Grouping::ByPlayer))
-            .await
+        self.poll(Feed::HostChat(host), |d| plan_chat(d, Grouping::ByPlayer)).await
     }
 
     /// GM `receive`: chat from players to every GM.
-    pub async fn gm_receive(
-        self: &Arc<Self>,
-    ) -> Result<PollTicket<ChatReply, S, B, R>, RelayError> {
-        self.poll(Feed::GmChat, |d| plan_chat(d, Grouping::ByConversation))
-            .await
+    pub async fn gm_receive(self: &Arc<Self>) -> Result<PollTicket<ChatReply, S, B, R>, RelayError> {
+        self.poll(Feed::GmChat, |d| plan_chat(d, Grouping::ByConversation)).await
     }
 
     /// GS `relation`: friend changes of the players of `host`, coalesced.
@@ -208,19 +205,8 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         // protocol promises.
         deliveries.sort_by_key(|d| d.stream_seq);
         let (reply, settles) = plan(&deliveries);
-        let settles = deliveries
-            .into_iter()
-            .zip(settles)
-            .map(|(d, s)| (d.handle, s))
-            .collect();
-        Ok(PollTicket {
-            reply,
-            settlement: Some(Settlement {
-                relay: Arc::clone(self),
-                settles,
-                turn,
-            }),
-        })
+        let settles = deliveries.into_iter().zip(settles).map(|(d, s)| (d.handle, s)).collect();
+        Ok(PollTicket { reply, settlement: Some(Settlement { relay: Arc::clone(self), settles, turn }) })
     }
 
     async fn take_turn(&self, feed: Feed) -> Result<Option<Turn>, RelayError> {
@@ -235,11 +221,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         let lease_name = format!("poll:{}", feed.key());
         loop {
             if let Some(token) = self.store.try_lease(&lease_name, POLL_LEASE_TTL).await? {
-                return Ok(Some(Turn {
-                    _guard: guard,
-                    lease_name,
-                    token,
-                }));
+                return Ok(Some(Turn { _guard: guard, lease_name, token }));
             }
             if tokio::time::Instant::now() + POLL_LEASE_RETRY > deadline {
                 return Ok(None);
@@ -249,11 +231,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
     }
 
     async fn end_turn(&self, turn: Turn) {
-        if let Err(e) = self
-            .store
-            .release_lease(&turn.lease_name, &turn.token)
-            .await
-        {
+        if let Err(e) = self.store.release_lease(&turn.lease_name, &turn.token).await {
             // The lease expires by itself; the next poll of this feed waits at most its TTL.
             tracing::warn!(lease = %turn.lease_name, error = %e, "could not release poll lease");
         }
@@ -270,10 +248,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             }
             let wait = tokio::time::timeout(FLUSH_RECHECK, published.changed());
             if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    seq,
-                    "event committed but not yet published; the outbox will publish it"
-                );
+                tracing::warn!(seq, "event committed but not yet published; the outbox will publish it");
                 return;
             }
             if wait.await.is_err() {
@@ -307,10 +282,7 @@ pub struct PollTicket<T, S: FriendStore, B: EventBus, R: RoleService> {
 
 impl<T: Default, S: FriendStore, B: EventBus, R: RoleService> PollTicket<T, S, B, R> {
     fn empty() -> Self {
-        Self {
-            reply: T::default(),
-            settlement: None,
-        }
+        Self { reply: T::default(), settlement: None }
     }
 
     pub fn into_parts(self) -> (T, Option<Settlement<S, B, R>>) {
@@ -330,11 +302,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Settlement<S, B, R> {
     /// `written`: the reply reached the client, so ack as planned; otherwise nak everything
     /// so the next poll gets it all again, in order.
     pub fn finish(self, written: bool) -> tokio::task::JoinHandle<()> {
-        let Settlement {
-            relay,
-            mut settles,
-            turn,
-        } = self;
+        let Settlement { relay, mut settles, turn } = self;
         if !written {
             settles.iter_mut().for_each(|(_, s)| *s = Settle::Nak);
         }

@@ -19,9 +19,10 @@ use crate::adapters::nats::{JetStreamBus, StreamLimits};
 use crate::adapters::redis::RedisStore;
 use crate::adapters::role::RoleClient;
 use crate::config::Config;
+use crate::domain::rate::RateLimiter;
 use crate::domain::RelayError;
 use crate::metrics::Metrics;
-use crate::relay::Relay;
+use crate::relay::{ChatLimits, Relay};
 
 /// Bound on connecting to NATS at start-up.
 const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -29,22 +30,13 @@ const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot connect to NATS at {url}: {source}")]
-    Nats {
-        url: String,
-        source: async_nats::ConnectError,
-    },
+    Nats { url: String, source: async_nats::ConnectError },
     #[error("cannot set up JetStream streams: {0}")]
     Streams(RelayError),
     #[error("cannot connect to Redis at {url}: {source}")]
-    Redis {
-        url: String,
-        source: redis::RedisError,
-    },
+    Redis { url: String, source: redis::RedisError },
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
 }
 
 pub struct Application {
@@ -62,27 +54,24 @@ impl Application {
             .event_callback(|event| async move { tracing::info!(%event, "nats connection event") })
             .connect(&config.nats_url)
             .await
-            .map_err(|source| StartError::Nats {
-                url: config.nats_url.clone(),
-                source,
-            })?;
+            .map_err(|source| StartError::Nats { url: config.nats_url.clone(), source })?;
         let bus = JetStreamBus::new(client, Arc::clone(&metrics));
         let limits = StreamLimits {
             max_age: config.retention_max_age,
             max_bytes: config.retention_max_bytes,
             replicas: config.stream_replicas,
         };
-        bus.ensure_streams(&limits)
-            .await
-            .map_err(StartError::Streams)?;
+        bus.ensure_streams(&limits).await.map_err(StartError::Streams)?;
         let store = RedisStore::connect(&config.redis_url)
             .await
-            .map_err(|source| StartError::Redis {
-                url: config.redis_url.clone(),
-                source,
-            })?;
+            .map_err(|source| StartError::Redis { url: config.redis_url.clone(), source })?;
         let roles = RoleClient::new(config.role_info_url.clone(), config.role_timeout);
-        let relay: Arc<AppRelay> = Arc::new(Relay::new(store, bus, roles));
+        let relay: Arc<AppRelay> = Arc::new(Relay::new(
+            store,
+            bus,
+            roles,
+            ChatLimits { gm_per_s: config.rate_gm_per_s, player_per_s: config.rate_player_per_s },
+        ));
         #[cfg(feature = "fault-injection")]
         relay.faults.arm_from_env();
         let access = Arc::new(Access::new(
@@ -90,28 +79,15 @@ impl Application {
             config.gs_allow.clone(),
             config.trusted_proxies.clone(),
         ));
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        Ok(Self {
-            listener,
-            state: AppState {
-                relay,
-                access,
-                metrics,
-            },
-            config,
-        })
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let ip_rate = Arc::new(RateLimiter::new(config.rate_ip_per_s));
+        Ok(Self { listener, state: AppState { relay, access, metrics, ip_rate }, config })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.listener.local_addr().expect("a bound listener has an address")
     }
 
     pub fn relay(&self) -> Arc<AppRelay> {
@@ -127,11 +103,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let Application {
-            listener,
-            state,
-            config,
-        } = self;
+        let Application { listener, state, config } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let relay = Arc::clone(&state.relay);
         let outbox = tokio::spawn(Arc::clone(&relay).run_outbox(stop_rx.clone()));
@@ -148,19 +120,14 @@ impl Application {
         let app = router(state, &config.gm_path, &config.gs_path);
         let (serve_stop_tx, serve_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = serve_stop_rx.await;
-            })
-            .into_future(),
+            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move {
+                    let _ = serve_stop_rx.await;
+                })
+                .into_future(),
         );
         shutdown.await;
-        tracing::info!(
-            "shutting down: no new connections, finishing requests, draining the outbox"
-        );
+        tracing::info!("shutting down: no new connections, finishing requests, draining the outbox");
         let _ = serve_stop_tx.send(());
         let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
         let server_result = match tokio::time::timeout_at(deadline, server).await {
@@ -172,9 +139,7 @@ impl Application {
         };
         let _ = stop_tx.send(true);
         if tokio::time::timeout_at(deadline, outbox).await.is_err() {
-            tracing::warn!(
-                "outbox drain did not finish in time; the next relay to start publishes the rest"
-            );
+            tracing::warn!("outbox drain did not finish in time; the next relay to start publishes the rest");
         }
         if let Some(task) = gs_list {
             task.abort();
@@ -185,12 +150,7 @@ impl Application {
     }
 }
 
-async fn refresh_gs_list(
-    access: Arc<Access>,
-    url: String,
-    every: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn refresh_gs_list(access: Arc<Access>, url: String, every: Duration, mut stop: watch::Receiver<bool>) {
     let http = reqwest::Client::new();
     loop {
         match access.refresh_gs_list(&http, &url).await {

@@ -41,16 +41,8 @@ pub mod names {
     /// The stream, durable name and filter of a legacy feed's consumer.
     pub fn feed_consumer(feed: Feed) -> (&'static str, String, String) {
         match feed {
-            Feed::HostChat(h) => (
-                STREAM_TO_HOST,
-                format!("legacy_chat_{h}"),
-                subject(Route::ToHost(h)),
-            ),
-            Feed::HostRelation(h) => (
-                STREAM_TO_HOST,
-                format!("legacy_rel_{h}"),
-                subject(Route::ToHost(h)),
-            ),
+            Feed::HostChat(h) => (STREAM_TO_HOST, format!("legacy_chat_{h}"), subject(Route::ToHost(h))),
+            Feed::HostRelation(h) => (STREAM_TO_HOST, format!("legacy_rel_{h}"), subject(Route::ToHost(h))),
             Feed::GmChat => (STREAM_TO_GM, "legacy_gm".to_owned(), String::new()),
         }
     }
@@ -101,12 +93,7 @@ fn unavailable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> RelayE
 impl JetStreamBus {
     pub fn new(client: async_nats::Client, metrics: Arc<Metrics>) -> Self {
         let js = jetstream::new(client.clone());
-        Self {
-            client,
-            js,
-            consumers: Mutex::new(HashMap::new()),
-            metrics,
-        }
+        Self { client, js, consumers: Mutex::new(HashMap::new()), metrics }
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -119,10 +106,9 @@ impl JetStreamBus {
 
     /// Creates the streams, or updates their limits, idempotently.
     pub async fn ensure_streams(&self, limits: &StreamLimits) -> Result<(), RelayError> {
-        for (name, subjects) in [
-            (names::STREAM_TO_HOST, names::SUBJECTS_TO_HOST),
-            (names::STREAM_TO_GM, names::SUBJECTS_TO_GM),
-        ] {
+        for (name, subjects) in
+            [(names::STREAM_TO_HOST, names::SUBJECTS_TO_HOST), (names::STREAM_TO_GM, names::SUBJECTS_TO_GM)]
+        {
             let config = stream::Config {
                 name: name.to_owned(),
                 subjects: vec![subjects.to_owned()],
@@ -144,12 +130,7 @@ impl JetStreamBus {
     }
 
     async fn consumer(&self, feed: Feed) -> Result<PullConsumer, RelayError> {
-        if let Some(c) = self
-            .consumers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&feed)
-        {
+        if let Some(c) = self.consumers.lock().unwrap_or_else(|p| p.into_inner()).get(&feed) {
             return Ok(c.clone());
         }
         let (stream_name, durable, filter) = names::feed_consumer(feed);
@@ -165,10 +146,7 @@ impl JetStreamBus {
         };
         let created = tokio::time::timeout(API_TIMEOUT, async {
             let stream = self.js.get_stream(stream_name).await.map_err(unavailable)?;
-            stream
-                .get_or_create_consumer(&durable, config)
-                .await
-                .map_err(unavailable)
+            stream.get_or_create_consumer(&durable, config).await.map_err(unavailable)
         })
         .await
         .map_err(unavailable)??;
@@ -181,10 +159,7 @@ impl JetStreamBus {
     }
 
     fn forget_consumer(&self, feed: Feed) {
-        self.consumers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&feed);
+        self.consumers.lock().unwrap_or_else(|p| p.into_inner()).remove(&feed);
     }
 
     /// Whether NATS answers now.
@@ -212,13 +187,8 @@ impl JetStreamBus {
         event: &Envelope,
     ) -> Result<jetstream::context::PublishAckFuture, RelayError> {
         let payload = serde_json::to_vec(event).map_err(unavailable)?;
-        let message = PublishMessage::build()
-            .payload(payload.into())
-            .message_id(&event.id);
-        self.js
-            .send_publish(names::subject(route), message)
-            .await
-            .map_err(unavailable)
+        let message = PublishMessage::build().payload(payload.into()).message_id(&event.id);
+        self.js.send_publish(names::subject(route), message).await.map_err(unavailable)
     }
 }
 
@@ -284,11 +254,7 @@ impl EventBus for JetStreamBus {
         (acked, error)
     }
 
-    async fn fetch(
-        &self,
-        feed: Feed,
-        max: usize,
-    ) -> Result<Vec<Delivery<Self::Handle>>, RelayError> {
+    async fn fetch(&self, feed: Feed, max: usize) -> Result<Vec<Delivery<Self::Handle>>, RelayError> {
         let consumer = self.consumer(feed).await?;
         let fetched = tokio::time::timeout(FETCH_TIMEOUT, async {
             let mut batch = consumer.fetch().max_messages(max).messages().await.map_err(unavailable)?;

@@ -231,10 +231,7 @@ fn check(reply: Vec<redis::Value>) -> Result<Vec<redis::Value>, RelayError> {
     let errno = match reply.first() {
         Some(redis::Value::Int(n)) => *n,
         other => {
-            return Err(RelayError::unavailable(
-                Backend::Redis,
-                format!("unexpected script reply {other:?}"),
-            ))
+            return Err(RelayError::unavailable(Backend::Redis, format!("unexpected script reply {other:?}")))
         }
     };
     match errno {
@@ -245,10 +242,7 @@ fn check(reply: Vec<redis::Value>) -> Result<Vec<redis::Value>, RelayError> {
         3 => Err(Errno::PlayerHasGm.into()),
         4 => Err(Errno::NotFriend.into()),
         5 => Err(Errno::WrongGm.into()),
-        n => Err(RelayError::unavailable(
-            Backend::Redis,
-            format!("unknown script errno {n}"),
-        )),
+        n => Err(RelayError::unavailable(Backend::Redis, format!("unknown script errno {n}"))),
     }
 }
 
@@ -257,10 +251,7 @@ fn int_at(reply: &[redis::Value], i: usize) -> Result<i64, RelayError> {
         Some(redis::Value::Int(n)) => Ok(*n),
         Some(v @ redis::Value::BulkString(_)) => redis::from_redis_value_ref::<i64>(v)
             .map_err(|e| RelayError::unavailable(Backend::Redis, e.to_string())),
-        other => Err(RelayError::unavailable(
-            Backend::Redis,
-            format!("expected integer, got {other:?}"),
-        )),
+        other => Err(RelayError::unavailable(Backend::Redis, format!("expected integer, got {other:?}"))),
     }
 }
 
@@ -279,10 +270,7 @@ impl RedisStore {
             .set_number_of_retries(RECONNECT_RETRIES)
             .set_max_delay(Duration::from_millis(500));
         let conn = client.get_connection_manager_with_config(config).await?;
-        Ok(Self {
-            conn,
-            scripts: std::sync::Arc::new(Scripts::load()),
-        })
+        Ok(Self { conn, scripts: std::sync::Arc::new(Scripts::load()) })
     }
 
     async fn run(&self, script: &Script, args: &[&str]) -> Result<Vec<redis::Value>, RelayError> {
@@ -291,34 +279,22 @@ impl RedisStore {
         for a in args {
             inv.arg(*a);
         }
-        let reply: Vec<redis::Value> = inv
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+        let reply: Vec<redis::Value> = inv.invoke_async(&mut self.conn.clone()).await.map_err(unavailable)?;
         check(reply)
     }
 
     async fn cmd<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, RelayError> {
-        cmd.query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)
+        cmd.query_async(&mut self.conn.clone()).await.map_err(unavailable)
     }
 }
 
 impl FriendStore for RedisStore {
     async fn create_gm(&self, gm: GmId, name: &GmName) -> Result<(), RelayError> {
-        self.run(&self.scripts.create_gm, &[&gm.to_string(), name.as_str()])
-            .await
-            .map(drop)
+        self.run(&self.scripts.create_gm, &[&gm.to_string(), name.as_str()]).await.map(drop)
     }
 
     async fn check_add(&self, gm: GmId, uid: Uid) -> Result<(), RelayError> {
-        self.run(
-            &self.scripts.check_add,
-            &[&gm.to_string(), &uid.to_string()],
-        )
-        .await
-        .map(drop)
+        self.run(&self.scripts.check_add, &[&gm.to_string(), &uid.to_string()]).await.map(drop)
     }
 
     async fn add_friend(
@@ -329,104 +305,44 @@ impl FriendStore for RedisStore {
         event_id: &str,
         ts: i64,
     ) -> Result<u64, RelayError> {
-        let args = [
-            gm.to_string(),
-            host.to_string(),
-            uid.to_string(),
-            event_id.to_owned(),
-            ts.to_string(),
-        ];
-        let reply = self
-            .run(
-                &self.scripts.add_friend,
-                &args.each_ref().map(String::as_str),
-            )
-            .await?;
+        let args = [gm.to_string(), host.to_string(), uid.to_string(), event_id.to_owned(), ts.to_string()];
+        let reply = self.run(&self.scripts.add_friend, &args.each_ref().map(String::as_str)).await?;
         Ok(int_at(&reply, 1)? as u64)
     }
 
-    async fn remove_friend(
-        &self,
-        gm: GmId,
-        uid: Uid,
-        event_id: &str,
-        ts: i64,
-    ) -> Result<u64, RelayError> {
-        let args = [
-            gm.to_string(),
-            uid.to_string(),
-            event_id.to_owned(),
-            ts.to_string(),
-        ];
-        let reply = self
-            .run(
-                &self.scripts.remove_friend,
-                &args.each_ref().map(String::as_str),
-            )
-            .await?;
+    async fn remove_friend(&self, gm: GmId, uid: Uid, event_id: &str, ts: i64) -> Result<u64, RelayError> {
+        let args = [gm.to_string(), uid.to_string(), event_id.to_owned(), ts.to_string()];
+        let reply = self.run(&self.scripts.remove_friend, &args.each_ref().map(String::as_str)).await?;
         Ok(int_at(&reply, 1)? as u64)
     }
 
-    async fn set_online(
-        &self,
-        gm: GmId,
-        event_id: &str,
-        ts: i64,
-    ) -> Result<Option<u64>, RelayError> {
+    async fn set_online(&self, gm: GmId, event_id: &str, ts: i64) -> Result<Option<u64>, RelayError> {
         self.presence(gm, event_id, ts, "online").await
     }
 
-    async fn set_offline(
-        &self,
-        gm: GmId,
-        event_id: &str,
-        ts: i64,
-    ) -> Result<Option<u64>, RelayError> {
+    async fn set_offline(&self, gm: GmId, event_id: &str, ts: i64) -> Result<Option<u64>, RelayError> {
         self.presence(gm, event_id, ts, "offline").await
     }
 
     async fn gm_chat_target(&self, gm: GmId, uid: Uid) -> Result<HostId, RelayError> {
-        let reply = self
-            .run(
-                &self.scripts.gm_chat_target,
-                &[&gm.to_string(), &uid.to_string()],
-            )
-            .await?;
+        let reply = self.run(&self.scripts.gm_chat_target, &[&gm.to_string(), &uid.to_string()]).await?;
         Ok(HostId(int_at(&reply, 1)?))
     }
 
     async fn player_link(&self, uid: Uid) -> Result<PlayerLink, RelayError> {
-        let (gm, host): (Option<i64>, Option<i64>) = self
-            .cmd(
-                redis::cmd("HMGET")
-                    .arg(format!("{PREFIX}player:{uid}"))
-                    .arg("gm")
-                    .arg("host"),
-            )
-            .await?;
+        let (gm, host): (Option<i64>, Option<i64>) =
+            self.cmd(redis::cmd("HMGET").arg(format!("{PREFIX}player:{uid}")).arg("gm").arg("host")).await?;
         match (gm, host) {
-            (Some(gm), Some(host)) => Ok(PlayerLink {
-                gm: GmId(gm),
-                host: HostId(host),
-            }),
+            (Some(gm), Some(host)) => Ok(PlayerLink { gm: GmId(gm), host: HostId(host) }),
             _ => Err(Errno::WrongGm.into()),
         }
     }
 
-    async fn online_gms_on_host(
-        &self,
-        host: HostId,
-        limit: usize,
-    ) -> Result<Vec<GmId>, RelayError> {
+    async fn online_gms_on_host(&self, host: HostId, limit: usize) -> Result<Vec<GmId>, RelayError> {
         // The set holds at most the GMs with players on this host; SRANDMEMBER with a
         // positive count returns distinct members, capped at `limit`.
-        let gms: Vec<i64> = self
-            .cmd(
-                redis::cmd("SRANDMEMBER")
-                    .arg(keys::online_gms(host))
-                    .arg(limit),
-            )
-            .await?;
+        let gms: Vec<i64> =
+            self.cmd(redis::cmd("SRANDMEMBER").arg(keys::online_gms(host)).arg(limit)).await?;
         let mut gms: Vec<GmId> = gms.into_iter().map(GmId).collect();
         gms.sort();
         Ok(gms)
@@ -447,12 +363,7 @@ impl FriendStore for RedisStore {
         Ok(set.map(|_| LeaseToken(token)))
     }
 
-    async fn renew_lease(
-        &self,
-        name: &str,
-        token: &LeaseToken,
-        ttl: Duration,
-    ) -> Result<bool, RelayError> {
+    async fn renew_lease(&self, name: &str, token: &LeaseToken, ttl: Duration) -> Result<bool, RelayError> {
         let renewed: i64 = self
             .scripts
             .renew_lease
@@ -478,14 +389,8 @@ impl FriendStore for RedisStore {
     }
 
     async fn outbox_peek(&self, max: usize) -> Result<Vec<OutboxItem>, RelayError> {
-        let raw: Vec<String> = self
-            .cmd(
-                redis::cmd("LRANGE")
-                    .arg(keys::OUTBOX)
-                    .arg(0)
-                    .arg(max as i64 - 1),
-            )
-            .await?;
+        let raw: Vec<String> =
+            self.cmd(redis::cmd("LRANGE").arg(keys::OUTBOX).arg(0).arg(max as i64 - 1)).await?;
         raw.iter()
             .map(|entry| {
                 serde_json::from_str::<StoredOutboxItem>(entry)
@@ -521,9 +426,7 @@ impl FriendStore for RedisStore {
     }
 
     async fn outbox_published_seq(&self) -> Result<u64, RelayError> {
-        let seq: Option<u64> = self
-            .cmd(redis::cmd("GET").arg(keys::OUTBOX_PUBLISHED))
-            .await?;
+        let seq: Option<u64> = self.cmd(redis::cmd("GET").arg(keys::OUTBOX_PUBLISHED)).await?;
         Ok(seq.unwrap_or(0))
     }
 
@@ -544,18 +447,8 @@ impl RedisStore {
         ts: i64,
         mode: &str,
     ) -> Result<Option<u64>, RelayError> {
-        let args = [
-            gm.to_string(),
-            event_id.to_owned(),
-            ts.to_string(),
-            mode.to_owned(),
-        ];
-        let reply = self
-            .run(
-                &self.scripts.set_presence,
-                &args.each_ref().map(String::as_str),
-            )
-            .await?;
+        let args = [gm.to_string(), event_id.to_owned(), ts.to_string(), mode.to_owned()];
+        let reply = self.run(&self.scripts.set_presence, &args.each_ref().map(String::as_str)).await?;
         let seq = int_at(&reply, 1)? as u64;
         Ok((seq > 0).then_some(seq))
     }

@@ -21,11 +21,8 @@ pub struct RoleClient {
 
 impl RoleClient {
     pub fn new(template: Option<String>, timeout: Duration) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .unwrap_or_default();
+        let http =
+            reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build().unwrap_or_default();
         Self { template, http }
     }
 }
@@ -35,40 +32,22 @@ impl RoleService for RoleClient {
         let Some(template) = &self.template else {
             return Ok(RoleVerdict::Exists);
         };
-        let url = template
-            .replace("{uid}", &uid.to_string())
-            .replace("{host}", &host.to_string());
+        let url = template.replace("{uid}", &uid.to_string()).replace("{host}", &host.to_string());
         let unavailable = |e: &dyn std::fmt::Display| RoleUnavailable(e.to_string());
-        let response = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let response = self.http.get(&url).send().await.map_err(|e| unavailable(&e))?;
         if !response.status().is_success() {
             return Err(RoleUnavailable(format!("status {}", response.status())));
         }
-        if response
-            .content_length()
-            .is_some_and(|n| n as usize > MAX_ROLE_REPLY_BYTES)
-        {
+        if response.content_length().is_some_and(|n| n as usize > MAX_ROLE_REPLY_BYTES) {
             return Err(RoleUnavailable("reply too large".into()));
         }
         let body = response.bytes().await.map_err(|e| unavailable(&e))?;
         if body.len() > MAX_ROLE_REPLY_BYTES {
             return Err(RoleUnavailable("reply too large".into()));
         }
-        let value: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| unavailable(&e))?;
+        let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| unavailable(&e))?;
         // The original: not a dict, or `code` != 1 → the player does not exist.
-        let exists = value
-            .as_object()
-            .and_then(|o| o.get("code"))
-            .is_some_and(|c| c == 1);
-        Ok(if exists {
-            RoleVerdict::Exists
-        } else {
-            RoleVerdict::Unknown
-        })
+        let exists = value.as_object().and_then(|o| o.get("code")).is_some_and(|c| c == 1);
+        Ok(if exists { RoleVerdict::Exists } else { RoleVerdict::Unknown })
     }
 }

@@ -94,14 +94,8 @@ pub enum RelayError {
 }
 
 impl RelayError {
-    pub fn unavailable(
-        backend: Backend,
-        source: impl Into<Box<dyn StdError + Send + Sync>>,
-    ) -> Self {
-        RelayError::Unavailable {
-            backend,
-            source: source.into(),
-        }
+    pub fn unavailable(backend: Backend, source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        RelayError::Unavailable { backend, source: source.into() }
     }
 
     /// The errno a client sees, if any.

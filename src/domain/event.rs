@@ -87,14 +87,7 @@ mod tests {
 
     #[test]
     fn chat_envelope_shape() {
-        let e = Envelope::chat(
-            "e1".into(),
-            HostId(3),
-            Uid(1001),
-            GmId(7),
-            "你好",
-            1_700_000_000_000,
-        );
+        let e = Envelope::chat("e1".into(), HostId(3), Uid(1001), GmId(7), "你好", 1_700_000_000_000);
         let json: serde_json::Value = serde_json::to_value(&e).unwrap();
         assert_eq!(
             json,

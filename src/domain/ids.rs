@@ -96,18 +96,8 @@ mod tests {
 
     #[test]
     fn accepts_canonical_spellings_only() {
-        for ok in [
-            "0",
-            "7",
-            "-7",
-            "1001",
-            "9223372036854775807",
-            "-9223372036854775808",
-        ] {
-            assert_eq!(
-                parse_canonical(ok.as_bytes()).map(|v| v.to_string()),
-                Some(ok.into())
-            );
+        for ok in ["0", "7", "-7", "1001", "9223372036854775807", "-9223372036854775808"] {
+            assert_eq!(parse_canonical(ok.as_bytes()).map(|v| v.to_string()), Some(ok.into()));
         }
         for bad in [
             "",

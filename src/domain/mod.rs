@@ -7,6 +7,7 @@ pub mod event;
 pub mod ids;
 pub mod poll;
 pub mod ports;
+pub mod rate;
 pub mod text;
 
 pub use error::{Backend, Errno, RelayError};

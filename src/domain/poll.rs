@@ -33,10 +33,7 @@ pub enum Grouping {
 }
 
 /// Plans a chat poll. `deliveries` must be in stream order.
-pub fn plan_chat<H>(
-    deliveries: &[Delivery<H>],
-    grouping: Grouping,
-) -> (Vec<Conversation>, Vec<Settle>) {
+pub fn plan_chat<H>(deliveries: &[Delivery<H>], grouping: Grouping) -> (Vec<Conversation>, Vec<Settle>) {
     let mut entries: Vec<Conversation> = Vec::new();
     let mut index: HashMap<(Option<GmId>, Uid), usize> = HashMap::new();
     let settles = deliveries
@@ -53,11 +50,7 @@ pub fn plan_chat<H>(
                 Grouping::ByConversation => (Some(event.gm), uid),
             };
             let slot = *index.entry(key).or_insert_with(|| {
-                entries.push(Conversation {
-                    gm: event.gm,
-                    uid,
-                    texts: Vec::new(),
-                });
+                entries.push(Conversation { gm: event.gm, uid, texts: Vec::new() });
                 entries.len() - 1
             });
             let entry = &mut entries[slot];
@@ -111,9 +104,7 @@ pub fn plan_relation<H>(deliveries: &[Delivery<H>]) -> (RelationChanges, Vec<Set
             continue;
         };
         if event.kind == EventKind::FriendAdd {
-            changes
-                .apply
-                .push((uid, event.gm, event.gm_name.clone().unwrap_or_default()));
+            changes.apply.push((uid, event.gm, event.gm_name.clone().unwrap_or_default()));
         } else {
             changes.remove.push(uid);
         }
@@ -130,14 +121,7 @@ mod tests {
     fn chat(seq: u64, gm: i64, uid: i64, text: &str) -> Delivery<()> {
         Delivery {
             stream_seq: seq,
-            event: Some(Envelope::chat(
-                format!("c{seq}"),
-                HostId(1),
-                Uid(uid),
-                GmId(gm),
-                text,
-                0,
-            )),
+            event: Some(Envelope::chat(format!("c{seq}"), HostId(1), Uid(uid), GmId(gm), text, 0)),
             handle: (),
         }
     }
@@ -148,11 +132,7 @@ mod tests {
         e.text = None;
         e.gm_name = Some(format!("gm{gm}"));
         e.rev = Some(rev);
-        Delivery {
-            stream_seq: seq,
-            event: Some(e),
-            handle: (),
-        }
+        Delivery { stream_seq: seq, event: Some(e), handle: () }
     }
 
     #[test]
@@ -161,10 +141,7 @@ mod tests {
         ds.insert(3, chat(100, 7, 6, "other"));
         let (entries, settles) = plan_chat(&ds, Grouping::ByPlayer);
         assert_eq!(entries.len(), 2);
-        assert_eq!(
-            entries[0].texts,
-            (0..10).map(|i| format!("m{i}")).collect::<Vec<_>>()
-        );
+        assert_eq!(entries[0].texts, (0..10).map(|i| format!("m{i}")).collect::<Vec<_>>());
         assert_eq!(entries[1].texts, vec!["other"]);
         assert_eq!(settles.iter().filter(|s| **s == Settle::Ack).count(), 11);
         assert!(settles[12..].iter().all(|s| *s == Settle::Nak));
@@ -172,17 +149,10 @@ mod tests {
 
     #[test]
     fn gm_feed_groups_by_conversation_and_acks_foreign_types() {
-        let ds = vec![
-            chat(1, 7, 5, "a"),
-            friend(2, EventKind::FriendAdd, 7, 5, 1),
-            chat(3, 8, 5, "b"),
-        ];
+        let ds = vec![chat(1, 7, 5, "a"), friend(2, EventKind::FriendAdd, 7, 5, 1), chat(3, 8, 5, "b")];
         let (entries, settles) = plan_chat(&ds, Grouping::ByConversation);
         assert_eq!(entries.len(), 2);
-        assert_eq!(
-            (entries[1].gm, entries[1].texts.clone()),
-            (GmId(8), vec!["b".to_owned()])
-        );
+        assert_eq!((entries[1].gm, entries[1].texts.clone()), (GmId(8), vec!["b".to_owned()]));
         assert_eq!(settles, vec![Settle::Ack; 3]);
     }
 

@@ -66,11 +66,7 @@ pub trait EventBus: Send + Sync + 'static {
 
     /// Publishes and waits for the broker's acknowledgement (stored), with the event id as
     /// de-duplication key.
-    fn publish(
-        &self,
-        route: Route,
-        event: &Envelope,
-    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+    fn publish(&self, route: Route, event: &Envelope) -> impl Future<Output = Result<(), RelayError>> + Send;
 
     /// Publishes several events in order and waits for all acknowledgements. Returns how
     /// many of the leading events were acknowledged, so the caller knows the safe prefix.
@@ -116,11 +112,7 @@ pub struct LeaseToken(pub String);
 /// be announced, writes its event to the outbox in the same step, returning the outbox seq.
 pub trait FriendStore: Send + Sync + 'static {
     /// errno 1 if the GM exists. Marks the GM online.
-    fn create_gm(
-        &self,
-        gm: GmId,
-        name: &GmName,
-    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+    fn create_gm(&self, gm: GmId, name: &GmName) -> impl Future<Output = Result<(), RelayError>> + Send;
 
     /// The checks `add` makes before asking the role service: errno 2, then 3.
     fn check_add(&self, gm: GmId, uid: Uid) -> impl Future<Output = Result<(), RelayError>> + Send;
@@ -162,11 +154,7 @@ pub trait FriendStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<u64>, RelayError>> + Send;
 
     /// GM `send` checks: errno 4 (not in the GM's friends), then 5 (owned by another GM).
-    fn gm_chat_target(
-        &self,
-        gm: GmId,
-        uid: Uid,
-    ) -> impl Future<Output = Result<HostId, RelayError>> + Send;
+    fn gm_chat_target(&self, gm: GmId, uid: Uid) -> impl Future<Output = Result<HostId, RelayError>> + Send;
 
     /// The player's GM and host; errno 5 if the player has no GM.
     fn player_link(&self, uid: Uid) -> impl Future<Output = Result<PlayerLink, RelayError>> + Send;
@@ -200,10 +188,7 @@ pub trait FriendStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), RelayError>> + Send;
 
     /// The oldest outbox items, in order, at most `max`.
-    fn outbox_peek(
-        &self,
-        max: usize,
-    ) -> impl Future<Output = Result<Vec<OutboxItem>, RelayError>> + Send;
+    fn outbox_peek(&self, max: usize) -> impl Future<Output = Result<Vec<OutboxItem>, RelayError>> + Send;
 
     /// Removes the oldest `count` items, ending at `last_seq`, if `token` still holds the
     /// outbox lease named `lease`. False if the lease was lost (nothing removed).

@@ -38,12 +38,7 @@ fn listed(nets: &[IpNet], ip: IpAddr) -> bool {
 
 impl Access {
     pub fn new(gm_allow: Vec<IpNet>, gs_allow: Vec<IpNet>, trusted_proxies: Vec<IpNet>) -> Self {
-        Self {
-            gm_allow,
-            gs_allow,
-            trusted_proxies,
-            gs_list: RwLock::new(Arc::new(HashSet::new())),
-        }
+        Self { gm_allow, gs_allow, trusted_proxies, gs_list: RwLock::new(Arc::new(HashSet::new())) }
     }
 
     /// The client's address, by the trusted-proxy rule.
@@ -56,20 +51,13 @@ impl Access {
         if let Some(ip) = header("x-real-ip").and_then(|v| v.trim().parse::<IpAddr>().ok()) {
             return canonical(ip);
         }
-        let forwarded = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok());
+        let forwarded = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
         let entries: Vec<IpAddr> = forwarded
             .flat_map(|v| v.split(','))
             .filter_map(|s| s.trim().parse::<IpAddr>().ok())
             .map(canonical)
             .collect();
-        entries
-            .into_iter()
-            .rev()
-            .find(|ip| !listed(&self.trusted_proxies, *ip))
-            .unwrap_or(peer)
+        entries.into_iter().rev().find(|ip| !listed(&self.trusted_proxies, *ip)).unwrap_or(peer)
     }
 
     pub fn gm_allowed(&self, ip: IpAddr) -> bool {
@@ -77,12 +65,7 @@ impl Access {
     }
 
     pub fn gs_allowed(&self, ip: IpAddr) -> bool {
-        listed(&self.gs_allow, ip)
-            || self
-                .gs_list
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&ip)
+        listed(&self.gs_allow, ip) || self.gs_list.read().unwrap_or_else(|p| p.into_inner()).contains(&ip)
     }
 
     /// Replaces the server-list part of the GS allowlist.
@@ -91,17 +74,8 @@ impl Access {
     }
 
     /// Downloads the server list once; on any failure the last good list stays.
-    pub async fn refresh_gs_list(
-        &self,
-        http: &reqwest::Client,
-        url: &str,
-    ) -> Result<usize, String> {
-        let response = http
-            .get(url)
-            .timeout(GS_LIST_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
+    pub async fn refresh_gs_list(&self, http: &reqwest::Client, url: &str) -> Result<usize, String> {
+        let response = http.get(url).timeout(GS_LIST_TIMEOUT).send().await.map_err(|e| e.to_string())?;
         if !response.status().is_success() {
             return Err(format!("status {}", response.status()));
         }
@@ -132,10 +106,7 @@ pub fn parse_server_list(text: &str) -> HashSet<IpAddr> {
                 }
                 Err(_) => tracing::warn!(line = n + 1, "server list: bad IP, line skipped"),
             },
-            _ => tracing::warn!(
-                line = n + 1,
-                "server list: expected `<name> <port> <ip> <x>`, line skipped"
-            ),
+            _ => tracing::warn!(line = n + 1, "server list: expected `<name> <port> <ip> <x>`, line skipped"),
         }
     }
     ips
@@ -161,24 +132,12 @@ mod tests {
     fn headers_only_from_trusted_proxies() {
         let a = Access::new(vec![], vec![], nets("10.0.0.1,10.0.0.2"));
         let spoof = headers(&[("x-real-ip", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")]);
-        assert_eq!(
-            a.client_ip("9.9.9.9".parse().unwrap(), &spoof),
-            "9.9.9.9".parse::<IpAddr>().unwrap()
-        );
-        assert_eq!(
-            a.client_ip("10.0.0.1".parse().unwrap(), &spoof),
-            "1.1.1.1".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(a.client_ip("9.9.9.9".parse().unwrap(), &spoof), "9.9.9.9".parse::<IpAddr>().unwrap());
+        assert_eq!(a.client_ip("10.0.0.1".parse().unwrap(), &spoof), "1.1.1.1".parse::<IpAddr>().unwrap());
         let xff = headers(&[("x-forwarded-for", "6.6.6.6, 3.3.3.3, 10.0.0.2")]);
-        assert_eq!(
-            a.client_ip("10.0.0.1".parse().unwrap(), &xff),
-            "3.3.3.3".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(a.client_ip("10.0.0.1".parse().unwrap(), &xff), "3.3.3.3".parse::<IpAddr>().unwrap());
         let none = headers(&[]);
-        assert_eq!(
-            a.client_ip("10.0.0.1".parse().unwrap(), &none),
-            "10.0.0.1".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(a.client_ip("10.0.0.1".parse().unwrap(), &none), "10.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(
             a.client_ip("::ffff:9.9.9.9".parse().unwrap(), &none),
             "9.9.9.9".parse::<IpAddr>().unwrap()

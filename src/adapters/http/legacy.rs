@@ -27,6 +27,9 @@ use crate::domain::{Errno, GmId, GmName, HostId, RelayError, Uid};
 /// characters, up to three times that when percent-encoded twice, plus the ids.
 pub const MAX_QUERY_BYTES: usize = 12 * 1024;
 
+const GM_ACTIONS: [&[u8]; 7] = [b"create", b"add", b"del", b"online", b"offline", b"send", b"receive"];
+const GS_ACTIONS: [&[u8]; 4] = [b"relation", b"send", b"receive", b"online"];
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
     Gm,
@@ -64,32 +67,17 @@ pub async fn gs(
 fn html(status: StatusCode, body: impl Into<Body>) -> Response {
     let mut r = Response::new(body.into());
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
     r
 }
 
-async fn handle(
-    state: AppState,
-    side: Side,
-    peer: IpAddr,
-    headers: &HeaderMap,
-    uri: &Uri,
-) -> Response {
+async fn handle(state: AppState, side: Side, peer: IpAddr, headers: &HeaderMap, uri: &Uri) -> Response {
     let raw = uri.query().unwrap_or("");
     if raw.len() > MAX_QUERY_BYTES {
-        state
-            .metrics
-            .requests
-            .with_label_values(&[side.label(), "-", "too_long"])
-            .inc();
-        let mut r = (
-            StatusCode::URI_TOO_LONG,
-            "request too long: the query may be at most 12 KiB\n",
-        )
-            .into_response();
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        state.metrics.requests.with_label_values(&[side.label(), "-", "too_long"]).inc();
+        let mut r =
+            (StatusCode::URI_TOO_LONG, "request too long: the query may be at most 12 KiB\n").into_response();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         return r;
     }
     let ip = state.access.client_ip(peer, headers);
@@ -98,15 +86,21 @@ async fn handle(
         Side::Gs => state.access.gs_allowed(ip),
     };
     if !allowed {
-        state
-            .metrics
-            .requests
-            .with_label_values(&[side.label(), "-", "refused"])
-            .inc();
+        state.metrics.requests.with_label_values(&[side.label(), "-", "refused"]).inc();
         return html(StatusCode::OK, format!("{ip} has no access to the website"));
     }
     let q = LegacyQuery::parse(raw.as_bytes());
     let action = q.get("action").unwrap_or_default().to_vec();
+    let known = match side {
+        Side::Gm => GM_ACTIONS.contains(&action.as_slice()),
+        Side::Gs => GS_ACTIONS.contains(&action.as_slice()),
+    };
+    if known && !state.ip_rate.allow(&ip) {
+        state.metrics.rate_limited.with_label_values(&["ip"]).inc();
+        state.metrics.requests.with_label_values(&[side.label(), "-", "errno_8"]).inc();
+        let errno = Errno::RateLimited;
+        return html(StatusCode::OK, json(&ErrReply { res: 0, errno: errno.code(), error: errno.reason() }));
+    }
     let outcome = match (side, action.as_slice()) {
         (Side::Gm, b"create") => create(&state, &q).await,
         (Side::Gm, b"add") => add(&state, &q).await,
@@ -120,11 +114,7 @@ async fn handle(
         (Side::Gs, b"receive") => gs_receive(&state, &q).await,
         (Side::Gs, b"online") => gs_online(&state, &q).await,
         _ => {
-            state
-                .metrics
-                .requests
-                .with_label_values(&[side.label(), "-", "unknown_action"])
-                .inc();
+            state.metrics.requests.with_label_values(&[side.label(), "-", "unknown_action"]).inc();
             let mut body = b"err action ".to_vec();
             body.extend_from_slice(&action);
             return html(StatusCode::NOT_FOUND, body);
@@ -136,17 +126,12 @@ async fn handle(
         Err(RelayError::NotOnline) => "not_online".to_owned(),
         Err(e) => format!("errno_{}", e.errno().map(Errno::code).unwrap_or(0)),
     };
-    state
-        .metrics
-        .requests
-        .with_label_values(&[side.label(), &action, &result])
-        .inc();
+    state.metrics.requests.with_label_values(&[side.label(), &action, &result]).inc();
     match outcome {
         Ok(Reply::Json(body)) => html(StatusCode::OK, body),
         Ok(Reply::Poll(body)) => {
             let mut r = Response::new(Body::new(body));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
             r
         }
         Err(RelayError::NotOnline) => html(StatusCode::OK, json(&Res0 { res: 0 })),
@@ -155,14 +140,7 @@ async fn handle(
             if let RelayError::Unavailable { backend, source } = &e {
                 tracing::error!(side = side.label(), %action, %backend, error = %source, "request failed: backend unavailable");
             }
-            html(
-                StatusCode::OK,
-                json(&ErrReply {
-                    res: 0,
-                    errno: errno.code(),
-                    error: errno.reason(),
-                }),
-            )
+            html(StatusCode::OK, json(&ErrReply { res: 0, errno: errno.code(), error: errno.reason() }))
         }
     }
 }
@@ -215,10 +193,7 @@ fn msg(q: &LegacyQuery) -> Result<Vec<u8>, RelayError> {
 }
 
 async fn create(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError> {
-    let (gm, raw_name) = (
-        param(q, "gm_account")?,
-        q.get_unquoted("gm_name").ok_or(Errno::BadParam)?,
-    );
+    let (gm, raw_name) = (param(q, "gm_account")?, q.get_unquoted("gm_name").ok_or(Errno::BadParam)?);
     let gm = GmId::parse(gm).ok_or(Errno::BadParam)?;
     let name = GmName::parse(&raw_name).ok_or(Errno::BadParam)?;
     state.relay.create(gm, &name).await?;
@@ -267,16 +242,9 @@ async fn gs_send(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError>
 
 async fn gs_online(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError> {
     let gms = state.relay.gs_online(host_id(q)?).await?;
-    state
-        .metrics
-        .poll_size
-        .with_label_values(&["online"])
-        .observe(gms.len() as f64);
+    state.metrics.poll_size.with_label_values(&["online"]).observe(gms.len() as f64);
     let data = encode_base64_bytes(&json(&gms));
-    Ok(Reply::Json(json(&DataReply {
-        res: 1,
-        data: &data,
-    })))
+    Ok(Reply::Json(json(&DataReply { res: 1, data: &data })))
 }
 
 #[derive(Serialize)]
@@ -293,16 +261,8 @@ struct ChatItem {
 
 /// Messages of one conversation joined by `,` (base64 has no commas), as the original did.
 fn chat_item(c: &Conversation) -> ChatItem {
-    let joined = c
-        .texts
-        .iter()
-        .map(|t| encode_base64(t))
-        .collect::<Vec<_>>()
-        .join(",");
-    ChatItem {
-        uid: c.uid,
-        msg: joined,
-    }
+    let joined = c.texts.iter().map(|t| encode_base64(t)).collect::<Vec<_>>().join(",");
+    ChatItem { uid: c.uid, msg: joined }
 }
 
 fn encode_base64_bytes(bytes: &[u8]) -> String {
@@ -313,44 +273,21 @@ fn encode_base64_bytes(bytes: &[u8]) -> String {
 async fn gs_receive(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayError> {
     let host = host_id(q)?;
     let (conversations, settlement) = state.relay.gs_receive(host).await?.into_parts();
-    state
-        .metrics
-        .poll_size
-        .with_label_values(&["gs_receive"])
-        .observe(conversations.len() as f64);
+    state.metrics.poll_size.with_label_values(&["gs_receive"]).observe(conversations.len() as f64);
     let items: Vec<ChatItem> = conversations.iter().map(chat_item).collect();
     let data = encode_base64_bytes(&json(&items));
-    Ok(Reply::Poll(PollBody::new(
-        json(&DataReply {
-            res: 1,
-            data: &data,
-        }),
-        settlement,
-    )))
+    Ok(Reply::Poll(PollBody::new(json(&DataReply { res: 1, data: &data }), settlement)))
 }
 
 async fn gm_receive(state: &AppState) -> Result<Reply, RelayError> {
     let (conversations, settlement) = state.relay.gm_receive().await?.into_parts();
-    state
-        .metrics
-        .poll_size
-        .with_label_values(&["gm_receive"])
-        .observe(conversations.len() as f64);
+    state.metrics.poll_size.with_label_values(&["gm_receive"]).observe(conversations.len() as f64);
     let mut by_gm: BTreeMap<String, Vec<ChatItem>> = BTreeMap::new();
     for c in &conversations {
-        by_gm
-            .entry(c.gm.to_string())
-            .or_default()
-            .push(chat_item(c));
+        by_gm.entry(c.gm.to_string()).or_default().push(chat_item(c));
     }
     let data = encode_base64_bytes(&json(&by_gm));
-    Ok(Reply::Poll(PollBody::new(
-        json(&DataReply {
-            res: 1,
-            data: &data,
-        }),
-        settlement,
-    )))
+    Ok(Reply::Poll(PollBody::new(json(&DataReply { res: 1, data: &data }), settlement)))
 }
 
 #[derive(Serialize)]
@@ -364,15 +301,9 @@ async fn gs_relation(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayEr
     let host = host_id(q)?;
     let (changes, settlement) = state.relay.gs_relation(host).await?.into_parts();
     let RelationChanges { apply, remove } = changes;
-    state
-        .metrics
-        .poll_size
-        .with_label_values(&["relation"])
-        .observe((apply.len() + remove.len()) as f64);
-    let apply: BTreeMap<String, (GmId, String)> = apply
-        .into_iter()
-        .map(|(uid, gm, name)| (uid.to_string(), (gm, name)))
-        .collect();
+    state.metrics.poll_size.with_label_values(&["relation"]).observe((apply.len() + remove.len()) as f64);
+    let apply: BTreeMap<String, (GmId, String)> =
+        apply.into_iter().map(|(uid, gm, name)| (uid.to_string(), (gm, name))).collect();
     let body = json(&RelationReply {
         res: 1,
         apply_data: &encode_base64_bytes(&json(&apply)),
@@ -393,12 +324,7 @@ pub struct PollBody {
 
 impl PollBody {
     fn new(body: Vec<u8>, settlement: Option<AppSettlement>) -> Self {
-        Self {
-            len: body.len() as u64,
-            data: Some(Bytes::from(body)),
-            sent: false,
-            settlement,
-        }
+        Self { len: body.len() as u64, data: Some(Bytes::from(body)), sent: false, settlement }
     }
 }
 

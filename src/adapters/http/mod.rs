@@ -6,6 +6,7 @@ pub mod legacy;
 pub mod pyjson;
 pub mod query;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use crate::adapters::nats::JetStreamBus;
 use crate::adapters::redis::RedisStore;
 use crate::adapters::role::RoleClient;
 use crate::domain::ports::FriendStore;
+use crate::domain::rate::RateLimiter;
 use crate::metrics::Metrics;
 use crate::relay::{Relay, Settlement};
 
@@ -42,6 +44,8 @@ pub struct AppState {
     pub relay: Arc<AppRelay>,
     pub access: Arc<access::Access>,
     pub metrics: Arc<Metrics>,
+    /// Requests per second per client IP, over both legacy endpoints.
+    pub ip_rate: Arc<RateLimiter<IpAddr>>,
 }
 
 pub fn router(state: AppState, gm_path: &str, gs_path: &str) -> Router {
@@ -51,13 +55,8 @@ pub fn router(state: AppState, gm_path: &str, gs_path: &str) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            REQUEST_TIMEOUT,
-        ))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(
-            MAX_CONCURRENT_REQUESTS,
-        ))
+        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_CONCURRENT_REQUESTS))
         .with_state(state)
 }
 
@@ -79,24 +78,13 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         (StatusCode::OK, "ready\n".to_owned())
     } else {
         tracing::warn!(?failing, "not ready");
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", failing.join(", ")),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", failing.join(", ")))
     }
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    if let Ok(Ok(depth)) =
-        tokio::time::timeout(READY_CHECK_TIMEOUT, state.relay.store().outbox_len()).await
-    {
+    if let Ok(Ok(depth)) = tokio::time::timeout(READY_CHECK_TIMEOUT, state.relay.store().outbox_len()).await {
         state.metrics.outbox_depth.set(depth as i64);
     }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        state.metrics.render(),
-    )
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

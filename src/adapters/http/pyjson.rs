@@ -212,31 +212,19 @@ mod tests {
 
     #[test]
     fn reply_with_data() {
-        let reply = Reply {
-            res: 1,
-            errno: None,
-            data: Some("eyJ9"),
-        };
+        let reply = Reply { res: 1, errno: None, data: Some("eyJ9") };
         assert_eq!(dumps(&reply), r#"{"res": 1, "data": "eyJ9"}"#);
     }
 
     #[test]
     fn error_reply_with_negative_errno() {
-        let reply = Reply {
-            res: 0,
-            errno: Some(-1),
-            data: None,
-        };
+        let reply = Reply { res: 0, errno: Some(-1), data: None };
         assert_eq!(dumps(&reply), r#"{"res": 0, "errno": -1}"#);
     }
 
     #[test]
     fn single_key_object() {
-        let reply = Reply {
-            res: 1,
-            errno: None,
-            data: None,
-        };
+        let reply = Reply { res: 1, errno: None, data: None };
         assert_eq!(dumps(&reply), r#"{"res": 1}"#);
     }
 
@@ -252,10 +240,7 @@ mod tests {
     #[test]
     fn mixed_nesting() {
         let value = serde_json::json!({"a": 1, "b": [1, 2], "c": {"d": [], "e": {}}});
-        assert_eq!(
-            dumps(&value),
-            r#"{"a": 1, "b": [1, 2], "c": {"d": [], "e": {}}}"#
-        );
+        assert_eq!(dumps(&value), r#"{"a": 1, "b": [1, 2], "c": {"d": [], "e": {}}}"#);
     }
 
     #[test]
@@ -263,16 +248,7 @@ mod tests {
         let mut map = BTreeMap::new();
         map.insert(
             "7",
-            vec![
-                Message {
-                    uid: "1001",
-                    msg: "YQ==,Yg==",
-                },
-                Message {
-                    uid: "1002",
-                    msg: "Yw==",
-                },
-            ],
+            vec![Message { uid: "1001", msg: "YQ==,Yg==" }, Message { uid: "1002", msg: "Yw==" }],
         );
         assert_eq!(
             dumps(&map),
@@ -310,25 +286,16 @@ mod tests {
     #[test]
     fn bmp_and_astral_edges() {
         let value = ["\u{80}\u{7ff}\u{800}\u{d7ff}\u{e000}\u{fffd}", "\u{10000}"];
-        assert_eq!(
-            dumps(&value),
-            r#"["\u0080\u07ff\u0800\ud7ff\ue000\ufffd", "\ud800\udc00"]"#
-        );
+        assert_eq!(dumps(&value), r#"["\u0080\u07ff\u0800\ud7ff\ue000\ufffd", "\ud800\udc00"]"#);
         assert_eq!(dumps("\u{10ffff}"), r#""\udbff\udfff""#);
-        assert_eq!(
-            dumps("\u{e9}\u{ff}\u{100}\u{ffff}\u{20ac}"),
-            r#""\u00e9\u00ff\u0100\uffff\u20ac""#
-        );
+        assert_eq!(dumps("\u{e9}\u{ff}\u{100}\u{ffff}\u{20ac}"), r#""\u00e9\u00ff\u0100\uffff\u20ac""#);
         assert_eq!(dumps("\u{2028}\u{2029}"), r#""\u2028\u2029""#);
     }
 
     #[test]
     fn control_chars_and_del() {
         assert_eq!(dumps("a\u{1}b\u{7f}c\u{1f}"), r#""a\u0001b\u007fc\u001f""#);
-        assert_eq!(
-            dumps("\n\r\t\u{8}\u{c}\u{b}\u{0}"),
-            r#""\n\r\t\b\f\u000b\u0000""#
-        );
+        assert_eq!(dumps("\n\r\t\u{8}\u{c}\u{b}\u{0}"), r#""\n\r\t\b\f\u000b\u0000""#);
     }
 
     #[test]
@@ -353,10 +320,7 @@ mod tests {
         assert_eq!(dumps(&Vec::<String>::new()), "[]");
         assert_eq!(dumps(&BTreeMap::<String, i32>::new()), "{}");
         assert_eq!(dumps(&serde_json::json!([[], {}])), "[[], {}]");
-        assert_eq!(
-            dumps(&serde_json::json!({"a": {}, "b": []})),
-            r#"{"a": {}, "b": []}"#
-        );
+        assert_eq!(dumps(&serde_json::json!({"a": {}, "b": []})), r#"{"a": {}, "b": []}"#);
         assert_eq!(dumps(""), r#""""#);
     }
 
@@ -392,9 +356,7 @@ mod tests {
 
     #[test]
     fn every_char_round_trips_as_ascii() {
-        let all: String = (0..=u32::from(char::MAX))
-            .filter_map(char::from_u32)
-            .collect();
+        let all: String = (0..=u32::from(char::MAX)).filter_map(char::from_u32).collect();
         let out = dumps(&all);
         assert!(out.bytes().all(|b| (0x20..=0x7e).contains(&b)));
         let back: String = serde_json::from_str(&out).unwrap();
@@ -417,18 +379,14 @@ mod tests {
     #[test]
     fn raw_fragments_are_kept_ascii() {
         let mut out = Vec::new();
-        PythonFormatter
-            .write_raw_fragment(&mut out, "{\"k\":\"张😀\u{7f}\"}")
-            .unwrap();
+        PythonFormatter.write_raw_fragment(&mut out, "{\"k\":\"张😀\u{7f}\"}").unwrap();
         assert_eq!(out, br#"{"k":"\u5f20\ud83d\ude00\u007f"}"#);
     }
 
     #[test]
     fn solidus_escape_is_written_plain() {
         let mut out = Vec::new();
-        PythonFormatter
-            .write_char_escape(&mut out, CharEscape::Solidus)
-            .unwrap();
+        PythonFormatter.write_char_escape(&mut out, CharEscape::Solidus).unwrap();
         assert_eq!(out, b"/");
     }
 
@@ -436,9 +394,7 @@ mod tests {
     fn formatter_writes_into_any_serializer() {
         let mut out = b"prefix ".to_vec();
         let mut serializer = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);
-        serde_json::json!([1, "é"])
-            .serialize(&mut serializer)
-            .unwrap();
+        serde_json::json!([1, "é"]).serialize(&mut serializer).unwrap();
         assert_eq!(out, br#"prefix [1, "\u00e9"]"#);
     }
 }

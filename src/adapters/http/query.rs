@@ -330,36 +330,25 @@ mod tests {
     fn chinese_name_encoded_once() {
         let query = q("gm_name=%E5%BC%A0%E4%B8%89");
         assert_eq!(query.get("gm_name"), Some("张三".as_bytes()));
-        assert_eq!(
-            query.get_unquoted("gm_name"),
-            Some("张三".as_bytes().to_vec())
-        );
+        assert_eq!(query.get_unquoted("gm_name"), Some("张三".as_bytes().to_vec()));
     }
 
     #[test]
     fn chinese_name_encoded_twice() {
         let query = q("gm_name=%25E5%25BC%25A0%25E4%25B8%2589");
         assert_eq!(query.get("gm_name"), Some(&b"%E5%BC%A0%E4%B8%89"[..]));
-        assert_eq!(
-            query.get_unquoted("gm_name"),
-            Some("张三".as_bytes().to_vec())
-        );
+        assert_eq!(query.get_unquoted("gm_name"), Some("张三".as_bytes().to_vec()));
     }
 
     #[test]
     fn chinese_name_with_plus_for_space() {
         let query = q("gm_name=%E5%BC%A0+%E4%B8%89");
-        assert_eq!(
-            query.get_unquoted("gm_name"),
-            Some("张 三".as_bytes().to_vec())
-        );
+        assert_eq!(query.get_unquoted("gm_name"), Some("张 三".as_bytes().to_vec()));
     }
 
     #[test]
     fn pairs_beyond_the_bound_are_ignored() {
-        let mut raw: String = (0..MAX_QUERY_PAIRS)
-            .map(|i| format!("k{i}=v{i}&"))
-            .collect();
+        let mut raw: String = (0..MAX_QUERY_PAIRS).map(|i| format!("k{i}=v{i}&")).collect();
         raw.push_str("action=send");
         let query = q(&raw);
         assert_eq!(query.get("k0"), Some(&b"v0"[..]));
