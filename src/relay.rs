@@ -10,7 +10,7 @@ use tokio::sync::{watch, Notify, OwnedMutexGuard};
 use crate::domain::event::{new_event_id, now_ms};
 use crate::domain::poll::{plan_chat, plan_relation, Conversation, Grouping, RelationChanges};
 use crate::domain::ports::{
-    Delivery, EventBus, Feed, FriendStore, LeaseToken, RoleService, RoleVerdict, Route, Settle,
+    Delivery, EventBus, Feed, FriendStore, LeaseToken, RoleService, RoleVerdict, RosterEntry, Route, Settle,
 };
 use crate::domain::rate::RateLimiter;
 use crate::domain::{ChatText, Envelope, Errno, GmId, GmName, HostId, RelayError, Uid};
@@ -21,6 +21,9 @@ pub const ROLE_CHECK_FROM_HOST: i64 = 1000;
 
 /// A poll returns at most this many uids or events (the protocol's bound).
 pub const POLL_MAX: usize = 1000;
+
+/// Players per resync reply page: about 100 bytes each, far below NATS's payload limit.
+pub const RESYNC_PAGE: usize = 1000;
 
 /// How long a poll waits for the previous poll of the same feed (in this relay or another)
 /// to finish. Past it the poll answers empty: nothing was taken, so nothing is lost.
@@ -110,6 +113,12 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         }
         let seq = self.store.add_friend(gm, host, uid, &new_event_id(), now_ms()).await?;
         crate::fault_point!(self, "add_after_commit");
+        // Before the host's first event reaches a reader, its native consumer must exist;
+        // it delivers everything from the start of the stream, so creating it here, right
+        // after the commit, misses nothing.
+        if let Err(e) = self.bus.ensure_host_consumer(host).await {
+            tracing::warn!(%host, error = %e, "could not create the host's native consumer; will retry");
+        }
         self.await_published(seq).await;
         Ok(())
     }
@@ -141,6 +150,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         if !self.gm_rate.allow(&gm) {
             return Err(Errno::RateLimited.into());
         }
+        self.bus.ensure_host_consumer(host).await?;
         let event = Envelope::chat(new_event_id(), host, uid, gm, text.as_str(), now_ms());
         self.bus.publish(Route::ToHost(host), &event).await?;
         Ok(event.id)
@@ -156,6 +166,35 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         let event = Envelope::chat(new_event_id(), link.host, uid, link.gm, text.as_str(), now_ms());
         self.bus.publish(Route::ToGm(link.gm), &event).await?;
         Ok(event.id)
+    }
+
+    /// Player to GM, from a native game server. `key` (the request's `Nats-Msg-Id`) makes
+    /// a retried request publish the same event id, which the stream de-duplicates.
+    pub async fn native_send(
+        &self,
+        host: HostId,
+        uid: Uid,
+        text: String,
+        key: Option<&str>,
+    ) -> Result<String, RelayError> {
+        let link = self.store.player_link(uid).await?;
+        if link.host != host {
+            return Err(Errno::WrongHost.into());
+        }
+        let text = ChatText::new(text).ok_or(Errno::BadMsg)?;
+        if !self.player_rate.allow(&uid) {
+            return Err(Errno::RateLimited.into());
+        }
+        // Keys are the host's own: prefix them so two hosts' keys never collide.
+        let id = key.map(|k| format!("h{host}-{k}")).unwrap_or_else(new_event_id);
+        let event = Envelope::chat(id, host, uid, link.gm, text.as_str(), now_ms());
+        self.bus.publish(Route::ToGm(link.gm), &event).await?;
+        Ok(event.id)
+    }
+
+    /// One page of a host's players, for a game server that restarted without state.
+    pub async fn resync(&self, host: HostId, cursor: u64) -> Result<(Vec<RosterEntry>, u64), RelayError> {
+        self.store.host_roster(host, cursor, RESYNC_PAGE).await
     }
 
     pub async fn gs_online(&self, host: HostId) -> Result<Vec<GmId>, RelayError> {

@@ -107,6 +107,14 @@ impl Application {
         let (stop_tx, stop_rx) = watch::channel(false);
         let relay = Arc::clone(&state.relay);
         let outbox = tokio::spawn(Arc::clone(&relay).run_outbox(stop_rx.clone()));
+        let native = tokio::spawn({
+            let (relay, metrics, stop) = (Arc::clone(&relay), Arc::clone(&state.metrics), stop_rx.clone());
+            async move {
+                if let Err(e) = crate::adapters::native::serve(relay, metrics, stop).await {
+                    tracing::error!(error = %e, "native NATS interface stopped");
+                }
+            }
+        });
         let gs_list = config.gs_list_url.clone().map(|url| {
             tokio::spawn(refresh_gs_list(
                 Arc::clone(&state.access),
@@ -141,6 +149,7 @@ impl Application {
         if tokio::time::timeout_at(deadline, outbox).await.is_err() {
             tracing::warn!("outbox drain did not finish in time; the next relay to start publishes the rest");
         }
+        let _ = tokio::time::timeout_at(deadline, native).await;
         if let Some(task) = gs_list {
             task.abort();
         }

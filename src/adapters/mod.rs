@@ -2,6 +2,7 @@
 //! domain's ports.
 
 pub mod http;
+pub mod native;
 pub mod nats;
 pub mod redis;
 pub mod role;

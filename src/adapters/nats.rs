@@ -7,7 +7,7 @@
 //! `legacy_gm` over all of `GS_TO_GM` (no filter: a wildcard filter on a whole-stream
 //! consumer is several times slower on current servers).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,12 +19,14 @@ use futures::StreamExt;
 
 use crate::domain::event::ENVELOPE_VERSION;
 use crate::domain::ports::{Delivery, EventBus, Feed, Route, Settle};
-use crate::domain::{Backend, Envelope, RelayError};
+use crate::domain::{Backend, Envelope, HostId, RelayError};
 use crate::metrics::Metrics;
 
 pub mod names {
     //! Every subject, stream and consumer name, in one place.
     use crate::domain::ports::{Feed, Route};
+
+    use crate::domain::HostId;
 
     pub const STREAM_TO_HOST: &str = "GM_TO_HOST";
     pub const STREAM_TO_GM: &str = "GS_TO_GM";
@@ -46,6 +48,23 @@ pub mod names {
             Feed::GmChat => (STREAM_TO_GM, "legacy_gm".to_owned(), String::new()),
         }
     }
+
+    /// The native consumer a game server binds: `host_<n>` on `gm.to.host.<n>`.
+    pub fn host_consumer(host: HostId) -> String {
+        format!("host_{host}")
+    }
+
+    /// Requests of native game servers: `gm.relay.gs.<host>.send` / `.resync`.
+    pub const SERVICE_PREFIX: &str = "gm.relay.gs";
+    pub const SERVICE_SEND: &str = "gm.relay.gs.*.send";
+    pub const SERVICE_RESYNC: &str = "gm.relay.gs.*.resync";
+
+    /// The host of a service request subject, if it is one of ours and canonical.
+    pub fn service_host(subject: &str) -> Option<HostId> {
+        let rest = subject.strip_prefix(SERVICE_PREFIX)?.strip_prefix('.')?;
+        let (host, _verb) = rest.split_once('.')?;
+        HostId::parse(host.as_bytes())
+    }
 }
 
 /// A publish not acknowledged within this is reported as NATS unavailable (errno 10).
@@ -65,6 +84,13 @@ pub const LEGACY_ACK_WAIT: Duration = Duration::from_secs(30);
 /// the nak'd remainders of busy conversations, with room to spare.
 const LEGACY_MAX_ACK_PENDING: i64 = 20_000;
 
+/// Native host consumers: a game server has this long to ack an event before it is
+/// redelivered. Game servers process an event in milliseconds; 30 s rides out a pause.
+pub const HOST_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Events a game server may hold unacked; it stops receiving more until it acks.
+pub const HOST_MAX_ACK_PENDING: i64 = 10_000;
+
 /// De-duplication window: an outbox republish or a client retry within this is dropped.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -83,6 +109,8 @@ pub struct JetStreamBus {
     client: async_nats::Client,
     js: jetstream::Context,
     consumers: Mutex<HashMap<Feed, PullConsumer>>,
+    /// Hosts whose native consumer is known to exist.
+    host_consumers: Mutex<HashSet<HostId>>,
     metrics: Arc<Metrics>,
 }
 
@@ -93,7 +121,13 @@ fn unavailable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> RelayE
 impl JetStreamBus {
     pub fn new(client: async_nats::Client, metrics: Arc<Metrics>) -> Self {
         let js = jetstream::new(client.clone());
-        Self { client, js, consumers: Mutex::new(HashMap::new()), metrics }
+        Self {
+            client,
+            js,
+            consumers: Mutex::new(HashMap::new()),
+            host_consumers: Mutex::new(HashSet::new()),
+            metrics,
+        }
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -283,6 +317,36 @@ impl EventBus for JetStreamBus {
             // Messages fetched before the timeout are redelivered after the ack wait.
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    async fn ensure_host_consumer(&self, host: HostId) -> Result<(), RelayError> {
+        if self.host_consumers.lock().unwrap_or_else(|p| p.into_inner()).contains(&host) {
+            return Ok(());
+        }
+        let name = names::host_consumer(host);
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: names::subject(Route::ToHost(host)),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: HOST_ACK_WAIT,
+            max_deliver: -1,
+            max_ack_pending: HOST_MAX_ACK_PENDING,
+            deliver_policy: consumer::DeliverPolicy::All,
+            description: Some(format!("native game server {host}")),
+            ..Default::default()
+        };
+        tokio::time::timeout(API_TIMEOUT, async {
+            let stream = self.js.get_stream(names::STREAM_TO_HOST).await.map_err(unavailable)?;
+            stream.get_or_create_consumer::<consumer::pull::Config>(&name, config).await.map_err(unavailable)
+        })
+        .await
+        .map_err(unavailable)??;
+        let mut known = self.host_consumers.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= MAX_CACHED_CONSUMERS {
+            known.clear();
+        }
+        known.insert(host);
+        Ok(())
     }
 
     async fn settle(&self, mut settles: Vec<(Self::Handle, Settle)>) -> Result<(), RelayError> {

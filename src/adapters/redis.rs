@@ -23,7 +23,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 use serde::Deserialize;
 
-use crate::domain::ports::{FriendStore, LeaseToken, OutboxItem, PlayerLink};
+use crate::domain::ports::{FriendStore, LeaseToken, OutboxItem, PlayerLink, RosterEntry};
 use crate::domain::{Backend, Envelope, Errno, GmId, GmName, HostId, RelayError, Uid};
 
 /// Key prefix of everything gm-relay writes, apart from the original system's keys.
@@ -165,6 +165,25 @@ if link[1] ~= gm or not link[2] then return {5} end
 return {0, link[2]}
 "#;
 
+/// ARGV: prefix, host, cursor, page. Returns {next cursor, uid, gm, name, online, rev, ...}.
+const HOST_ROSTER: &str = r#"
+local host, cursor, page = ARGV[2], ARGV[3], ARGV[4]
+local scan = redis.call('SSCAN', k_players(host), cursor, 'COUNT', page)
+local out = {scan[1]}
+for _, uid in ipairs(scan[2]) do
+  local p = redis.call('HMGET', k_player(uid), 'gm', 'host', 'rev')
+  if p[1] and p[2] == host then
+    local name = redis.call('GET', k_name(p[1])) or ''
+    table.insert(out, uid)
+    table.insert(out, p[1])
+    table.insert(out, name)
+    table.insert(out, redis.call('SISMEMBER', K_ONLINE, p[1]))
+    table.insert(out, p[3] or '0')
+  end
+end
+return out
+"#;
+
 /// KEYS: lease. ARGV: token, ttl ms. Returns 1 if held and extended.
 const RENEW_LEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -194,6 +213,7 @@ struct Scripts {
     remove_friend: Script,
     set_presence: Script,
     gm_chat_target: Script,
+    host_roster: Script,
     renew_lease: Script,
     release_lease: Script,
     outbox_remove: Script,
@@ -209,6 +229,7 @@ impl Scripts {
             remove_friend: with_prelude(REMOVE_FRIEND),
             set_presence: with_prelude(SET_PRESENCE),
             gm_chat_target: with_prelude(GM_CHAT_TARGET),
+            host_roster: with_prelude(HOST_ROSTER),
             renew_lease: Script::new(RENEW_LEASE),
             release_lease: Script::new(RELEASE_LEASE),
             outbox_remove: Script::new(OUTBOX_REMOVE),
@@ -432,6 +453,36 @@ impl FriendStore for RedisStore {
 
     async fn outbox_len(&self) -> Result<u64, RelayError> {
         self.cmd(redis::cmd("LLEN").arg(keys::OUTBOX)).await
+    }
+
+    async fn host_roster(
+        &self,
+        host: HostId,
+        cursor: u64,
+        page: usize,
+    ) -> Result<(Vec<RosterEntry>, u64), RelayError> {
+        let mut inv = self.scripts.host_roster.prepare_invoke();
+        inv.arg(PREFIX).arg(host.to_string()).arg(cursor).arg(page);
+        let reply: Vec<redis::Value> = inv.invoke_async(&mut self.conn.clone()).await.map_err(unavailable)?;
+        let text = |v: &redis::Value| -> Result<String, RelayError> {
+            redis::from_redis_value_ref::<String>(v)
+                .map_err(|e| RelayError::unavailable(Backend::Redis, e.to_string()))
+        };
+        let next: u64 = reply.first().map(text).transpose()?.and_then(|c| c.parse().ok()).unwrap_or(0);
+        let entries = reply[1.min(reply.len())..]
+            .chunks_exact(5)
+            .map(|f| {
+                let id = |v: &redis::Value| text(v).map(|s| s.parse::<i64>().unwrap_or_default());
+                Ok(RosterEntry {
+                    uid: Uid(id(&f[0])?),
+                    gm: GmId(id(&f[1])?),
+                    gm_name: text(&f[2])?,
+                    gm_online: int_at(f, 3)? == 1,
+                    rev: text(&f[4])?.parse().unwrap_or(0),
+                })
+            })
+            .collect::<Result<Vec<_>, RelayError>>()?;
+        Ok((entries, next))
     }
 
     async fn ping(&self) -> Result<(), RelayError> {

@@ -82,6 +82,9 @@ pub trait EventBus: Send + Sync + 'static {
         max: usize,
     ) -> impl Future<Output = Result<Vec<Delivery<Self::Handle>>, RelayError>> + Send;
 
+    /// Makes sure the native consumer `host_<n>` exists, so a game server can bind it.
+    fn ensure_host_consumer(&self, host: HostId) -> impl Future<Output = Result<(), RelayError>> + Send;
+
     /// Acks and naks, and returns once the broker has applied them, so a following fetch
     /// sees their effect.
     fn settle(
@@ -95,6 +98,17 @@ pub trait EventBus: Send + Sync + 'static {
 pub struct PlayerLink {
     pub gm: GmId,
     pub host: HostId,
+}
+
+/// A player of a host, as a game server that lost its state needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RosterEntry {
+    pub uid: Uid,
+    pub gm: GmId,
+    pub gm_name: String,
+    pub gm_online: bool,
+    /// The player's latest friend-event revision.
+    pub rev: u64,
 }
 
 /// One item waiting in the outbox; `seq` grows by one per committed change.
@@ -205,6 +219,15 @@ pub trait FriendStore: Send + Sync + 'static {
 
     /// Items waiting.
     fn outbox_len(&self) -> impl Future<Output = Result<u64, RelayError>> + Send;
+
+    /// One page of a host's players with their GM, from `cursor` (0 = start); returns the
+    /// next cursor, 0 when done.
+    fn host_roster(
+        &self,
+        host: HostId,
+        cursor: u64,
+        page: usize,
+    ) -> impl Future<Output = Result<(Vec<RosterEntry>, u64), RelayError>> + Send;
 
     /// Whether the store answers.
     fn ping(&self) -> impl Future<Output = Result<(), RelayError>> + Send;

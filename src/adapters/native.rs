@@ -1,0 +1,148 @@
+//! The native interface for new game servers: an async-nats service answering
+//! `gm.relay.gs.<host>.send` and `gm.relay.gs.<host>.resync` (it shows in NATS service
+//! discovery and stats as `gm-relay`). Game servers receive through their durable consumer
+//! `host_<n>`; see `nats/CONTRACT.md`.
+//!
+//! Replies are `{"ok": true, ...}` or `{"ok": false, "errno": N, "error": "..."}` with the
+//! legacy errno table.
+
+use std::sync::Arc;
+
+use async_nats::service::ServiceExt;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{watch, Semaphore};
+
+use super::http::AppRelay;
+use super::nats::names;
+use crate::domain::{Errno, HostId, RelayError, Uid};
+use crate::metrics::Metrics;
+
+/// Requests handled at once; past it the service stops reading its subscriptions and NATS
+/// buffers (then drops, for a slow consumer) the rest, instead of this process.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// A request body larger than this is refused: a chat line is at most 500 characters.
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+
+#[derive(Deserialize)]
+struct SendRequest {
+    uid: String,
+    text: String,
+}
+
+#[derive(Deserialize, Default)]
+struct ResyncRequest {
+    #[serde(default)]
+    cursor: u64,
+}
+
+fn error_reply(errno: Errno) -> serde_json::Value {
+    json!({"ok": false, "errno": errno.code(), "error": errno.reason()})
+}
+
+fn relay_error_reply(e: &RelayError, what: &str) -> serde_json::Value {
+    if let RelayError::Unavailable { backend, source } = e {
+        tracing::error!(%backend, error = %source, what, "native request failed: backend unavailable");
+    }
+    match e {
+        RelayError::NotOnline => error_reply(Errno::BadParam),
+        e => error_reply(e.errno().unwrap_or(Errno::Unavailable)),
+    }
+}
+
+/// Serves native requests until `stop` flips.
+pub async fn serve(
+    relay: Arc<AppRelay>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), async_nats::Error> {
+    let client = relay.bus().client().clone();
+    let service = client
+        .service_builder()
+        .description("gm-relay: native game-server interface")
+        .start("gm-relay", env!("CARGO_PKG_VERSION"))
+        .await?;
+    let mut send = service.endpoint_builder().name("send").add(names::SERVICE_SEND).await?;
+    let mut resync = service.endpoint_builder().name("resync").add(names::SERVICE_RESYNC).await?;
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let (request, verb) = tokio::select! {
+            Some(r) = send.next() => (r, "send"),
+            Some(r) = resync.next() => (r, "resync"),
+            _ = stop.changed() => break,
+            else => break,
+        };
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break };
+        let relay = Arc::clone(&relay);
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let reply = answer(&relay, verb, &request.message).await;
+            let result = match reply.get("errno").and_then(|e| e.as_i64()) {
+                Some(n) => format!("errno_{n}"),
+                None => "ok".to_owned(),
+            };
+            metrics.requests.with_label_values(&["native", verb, &result]).inc();
+            let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
+            if let Err(e) = request.respond(Ok(body)).await {
+                tracing::warn!(error = %e, verb, "could not answer a native request");
+            }
+            drop(permit);
+        });
+    }
+    service.stop().await?;
+    Ok(())
+}
+
+async fn answer(relay: &AppRelay, verb: &str, message: &async_nats::Message) -> serde_json::Value {
+    let Some(host) = names::service_host(&message.subject) else {
+        return error_reply(Errno::BadParam);
+    };
+    if message.payload.len() > MAX_REQUEST_BYTES {
+        return error_reply(Errno::BadMsg);
+    }
+    match verb {
+        "send" => {
+            let Ok(req) = serde_json::from_slice::<SendRequest>(&message.payload) else {
+                return error_reply(Errno::BadParam);
+            };
+            let Some(uid) = Uid::parse(req.uid.as_bytes()) else { return error_reply(Errno::BadParam) };
+            let key = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                .map(|v| v.as_str().to_owned())
+                .filter(|k| valid_key(k));
+            match relay.native_send(host, uid, req.text, key.as_deref()).await {
+                Ok(id) => json!({"ok": true, "id": id}),
+                Err(e) => relay_error_reply(&e, "send"),
+            }
+        }
+        _ => {
+            let req = if message.payload.is_empty() {
+                ResyncRequest::default()
+            } else {
+                match serde_json::from_slice::<ResyncRequest>(&message.payload) {
+                    Ok(r) => r,
+                    Err(_) => return error_reply(Errno::BadParam),
+                }
+            };
+            match relay.resync(host, req.cursor).await {
+                Ok((players, next)) => json!({
+                    "ok": true,
+                    "host": HostId::to_string(&host),
+                    "players": players,
+                    "next_cursor": next,
+                }),
+                Err(e) => relay_error_reply(&e, "resync"),
+            }
+        }
+    }
+}
+
+/// Idempotency keys become part of an event id: printable ASCII, at most 64 bytes.
+fn valid_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= 64 && key.bytes().all(|b| b.is_ascii_graphic())
+}
