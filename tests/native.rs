@@ -1,0 +1,164 @@
+//! The native NATS interface: a game server on NATS beside a legacy one, on one relay.
+
+mod support;
+
+#[allow(dead_code)]
+#[path = "../examples/game_server.rs"]
+mod game_server;
+
+use std::time::Duration;
+
+use game_server::GameServer;
+use serde_json::{json, Value};
+use support::app::TestApp;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn next(server: &GameServer) -> Value {
+    server.next_event(WAIT).await.expect("fetch works").expect("an event arrives in time")
+}
+
+/// Events until none arrives for a short while.
+async fn drain(server: &GameServer) -> Vec<Value> {
+    let mut events = Vec::new();
+    // Bounded: these tests produce a handful of events.
+    for _ in 0..100 {
+        match server.next_event(Duration::from_millis(300)).await.expect("fetch works") {
+            Some(e) => events.push(e),
+            None => break,
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn native_and_legacy_hosts_share_one_relay() {
+    let app = TestApp::spawn().await;
+    app.create_gm(7, "客服").await;
+    app.add(7, 4, 1001).await; // native host 4
+    app.add(7, 3, 2001).await; // legacy host 3
+
+    let native = GameServer::connect(&app.nats.url(), 4).await.expect("binds host_4");
+    let added = next(&native).await;
+    assert_eq!(added["type"], "friend_add");
+    assert_eq!(
+        (added["uid"].clone(), added["gm"].clone(), added["gm_name"].clone()),
+        (json!("1001"), json!("7"), json!("客服"))
+    );
+    assert_eq!(added["v"], 1);
+    assert!(added["rev"].as_u64().unwrap() >= 1);
+
+    // GM over legacy HTTP → native host.
+    assert_eq!(app.gm_send(7, 1001, "你好 native").await.json(), json!({"res": 1}));
+    let chat = next(&native).await;
+    assert_eq!(
+        (chat["type"].clone(), chat["uid"].clone(), chat["text"].clone()),
+        (json!("chat"), json!("1001"), json!("你好 native"))
+    );
+
+    // The legacy adapter's own consumer of host 4 still sees the same message: nobody steals.
+    assert_eq!(app.gs_receive(4).await, vec![("1001".to_owned(), vec!["你好 native".to_owned()])]);
+    // And the legacy host only gets its own players' events.
+    assert_eq!(app.relation(3).await.0, json!({"2001": ["7", "客服"]}));
+
+    // Native player → legacy GM poll.
+    let reply = native.send(1001, "hi from native", "k-1").await.expect("send answers");
+    assert_eq!(reply["ok"], true, "{reply}");
+    let inbox = app.gm_receive().await;
+    assert_eq!(inbox["7"], vec![("1001".to_owned(), vec!["hi from native".to_owned()])]);
+}
+
+#[tokio::test]
+async fn native_send_checks_and_idempotency() {
+    let app = TestApp::spawn().await;
+    app.create_gm(7, "Alice").await;
+    app.add(7, 4, 1001).await;
+    app.add(7, 3, 2001).await;
+    let native = GameServer::connect(&app.nats.url(), 4).await.expect("binds host_4");
+
+    let errno = |v: Value| (v["ok"].clone(), v["errno"].clone());
+    assert_eq!(
+        errno(native.send(2001, "x", "a").await.unwrap()),
+        (json!(false), json!(9)),
+        "player on another host"
+    );
+    assert_eq!(
+        errno(native.send(5555, "x", "b").await.unwrap()),
+        (json!(false), json!(5)),
+        "player without GM"
+    );
+    assert_eq!(errno(native.send(1001, "", "c").await.unwrap()), (json!(false), json!(6)), "empty text");
+    assert_eq!(errno(native.send(1001, &"x".repeat(501), "d").await.unwrap()), (json!(false), json!(6)));
+
+    let first = native.send(1001, "once", "same-key").await.unwrap();
+    let retry = native.send(1001, "once", "same-key").await.unwrap();
+    assert_eq!(first["ok"], true);
+    assert_eq!(first["id"], retry["id"], "a retry names the same event");
+    let inbox = app.gm_receive().await;
+    assert_eq!(inbox["7"], vec![("1001".to_owned(), vec!["once".to_owned()])], "stored once");
+}
+
+#[tokio::test]
+async fn presence_and_friend_changes_arrive_as_events() {
+    let app = TestApp::spawn().await;
+    app.create_gm(7, "Alice").await;
+    app.add(7, 4, 1001).await;
+    app.add(7, 4, 1002).await;
+    let native = GameServer::connect(&app.nats.url(), 4).await.expect("binds host_4");
+    assert_eq!(drain(&native).await.len(), 2, "two friend_add events");
+
+    assert_eq!(app.gm("action=offline&gm_account=7").await.json(), json!({"res": 1}));
+    assert_eq!(app.gm("action=online&gm_account=7").await.json(), json!({"res": 1}));
+    assert_eq!(app.gm("action=del&gm_account=7&uid=1002").await.json(), json!({"res": 1}));
+    let events = drain(&native).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, vec!["gm_offline", "gm_online", "friend_remove"], "{events:?}");
+    assert_eq!(events[0]["gm"], "7");
+    assert_eq!(events[2]["uid"], "1002");
+
+    // Resync: the host's current friend list.
+    let players = native.resync().await.expect("resync answers");
+    assert_eq!(players.len(), 1);
+    assert_eq!(players[0]["uid"], "1001");
+    assert_eq!(players[0]["gm"], "7");
+    assert_eq!(players[0]["gm_name"], "Alice");
+    assert_eq!(players[0]["gm_online"], true);
+    assert_eq!(players[0]["rev"], 1);
+}
+
+#[tokio::test]
+async fn a_server_that_was_down_gets_everything_it_missed_in_order() {
+    let app = TestApp::spawn().await;
+    app.create_gm(7, "Alice").await;
+    app.add(7, 4, 1001).await;
+    {
+        let native = GameServer::connect(&app.nats.url(), 4).await.expect("binds host_4");
+        assert_eq!(next(&native).await["type"], "friend_add");
+    } // the game server goes away
+    for i in 0..5 {
+        assert_eq!(app.gm_send(7, 1001, &format!("m{i}")).await.json(), json!({"res": 1}));
+    }
+    assert_eq!(app.gm("action=del&gm_account=7&uid=1001").await.json(), json!({"res": 1}));
+
+    let native = GameServer::connect(&app.nats.url(), 4).await.expect("binds host_4 again");
+    let events = drain(&native).await;
+    let seen: Vec<String> = events
+        .iter()
+        .map(|e| {
+            e["text"].as_str().map(str::to_owned).unwrap_or_else(|| e["type"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(seen, vec!["m0", "m1", "m2", "m3", "m4", "friend_remove"]);
+}
+
+#[tokio::test]
+async fn the_service_shows_in_discovery() {
+    let app = TestApp::spawn().await;
+    let client = async_nats::connect(app.nats.url()).await.unwrap();
+    let info = client.request("$SRV.INFO.gm-relay", "".into()).await.expect("service answers INFO");
+    let info: Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(info["name"], "gm-relay");
+    let subjects: Vec<&str> =
+        info["endpoints"].as_array().unwrap().iter().map(|e| e["subject"].as_str().unwrap()).collect();
+    assert!(subjects.contains(&"gm.relay.gs.*.send") && subjects.contains(&"gm.relay.gs.*.resync"), "{info}");
+}
