@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo run --example game_server -- nats://127.0.0.1:14222 3 1001 "hello GM"
 //! ```
+//! (with `GM_GAME_SERVER_SEED_FILE=host_3.nk` when NATS requires authentication)
 //! connects as game server 3, resyncs its friend list, sends one message from player 1001
 //! to the player's GM, then prints every event for host 3 (chat from GMs, friend changes,
 //! GM presence) and acks it. See `nats/CONTRACT.md` for subjects and envelopes.
@@ -25,9 +26,14 @@ pub struct GameServer {
 
 impl GameServer {
     /// Connects and binds the durable consumer `host_<host>` (the relay created it when
-    /// the host got its first player).
-    pub async fn connect(url: &str, host: i64) -> Result<GameServer, async_nats::Error> {
-        let client = async_nats::ConnectOptions::new()
+    /// the host got its first player). `seed`: the host's NKey seed (`host_<n>.nk` from
+    /// `gm-relay nats-auth`) when the server requires authentication.
+    pub async fn connect(url: &str, host: i64, seed: Option<&str>) -> Result<GameServer, async_nats::Error> {
+        let options = match seed {
+            Some(seed) => async_nats::ConnectOptions::with_nkey(seed.trim().to_owned()),
+            None => async_nats::ConnectOptions::new(),
+        };
+        let client = options
             .name(format!("game-server-{host}"))
             // Replies come to an inbox only this host may read (see `gm-relay nats-auth`).
             .custom_inbox_prefix(format!("_INBOX_host_{host}"))
@@ -104,10 +110,14 @@ impl GameServer {
 async fn main() -> Result<(), async_nats::Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [url, host, uid, text] = args.as_slice() else {
-        eprintln!("usage: game_server <nats-url> <host> <uid> <text>");
+        eprintln!("usage: game_server <nats-url> <host> <uid> <text>   (env GM_GAME_SERVER_SEED_FILE: NKey seed file)");
         std::process::exit(2);
     };
-    let server = GameServer::connect(url, host.parse()?).await?;
+    let seed = match std::env::var("GM_GAME_SERVER_SEED_FILE") {
+        Ok(path) => Some(std::fs::read_to_string(path)?),
+        Err(_) => None,
+    };
+    let server = GameServer::connect(url, host.parse()?, seed.as_deref()).await?;
     for player in server.resync().await? {
         println!("player {player}");
     }

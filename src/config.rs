@@ -14,6 +14,8 @@ use ipnet::IpNet;
 pub struct Config {
     pub listen: SocketAddr,
     pub nats_url: String,
+    /// NKey seed of the relay's NATS user (`gm-relay nats-auth` writes `relay.nk`).
+    pub nats_nkey_seed: Option<String>,
     pub redis_url: String,
     pub gm_path: String,
     pub gs_path: String,
@@ -57,6 +59,7 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
 pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("GM_RELAY_LISTEN", "127.0.0.1:8080", "HTTP listen address"),
     ("GM_RELAY_NATS_URL", "nats://127.0.0.1:4222", "NATS server URL"),
+    ("GM_RELAY_NATS_NKEY_FILE", "", "file with the relay's NKey seed; empty = no NATS auth"),
     ("GM_RELAY_REDIS_URL", "redis://127.0.0.1:6379", "Redis URL"),
     ("GM_RELAY_GM_PATH", "/gm", "path of the legacy GM endpoint"),
     ("GM_RELAY_GS_PATH", "/gs", "path of the legacy game-server endpoint"),
@@ -107,6 +110,7 @@ impl Config {
         let config = Config {
             listen: get("GM_RELAY_LISTEN").parse().map_err(|e| invalid("GM_RELAY_LISTEN", format!("{e}")))?,
             nats_url: url_like("GM_RELAY_NATS_URL", get("GM_RELAY_NATS_URL"), &["nats://", "tls://"])?,
+            nats_nkey_seed: opt("GM_RELAY_NATS_NKEY_FILE").map(|p| read_seed(&p)).transpose()?,
             redis_url: url_like("GM_RELAY_REDIS_URL", get("GM_RELAY_REDIS_URL"), &["redis://", "rediss://"])?,
             gm_path: path("GM_RELAY_GM_PATH", get("GM_RELAY_GM_PATH"))?,
             gs_path: path("GM_RELAY_GS_PATH", get("GM_RELAY_GS_PATH"))?,
@@ -175,6 +179,16 @@ fn parse_file(text: &str) -> Result<HashMap<String, String>, ConfigError> {
         out.insert(k.to_owned(), v.trim().trim_matches('"').to_owned());
     }
     Ok(out)
+}
+
+fn read_seed(path: &str) -> Result<String, ConfigError> {
+    let key = "GM_RELAY_NATS_NKEY_FILE";
+    let seed = std::fs::read_to_string(path).map_err(|e| invalid(key, format!("cannot read {path}: {e}")))?;
+    let seed = seed.trim().to_owned();
+    if !seed.starts_with("SU") {
+        return Err(invalid(key, format!("{path} does not hold an NKey user seed")));
+    }
+    Ok(seed)
 }
 
 fn url_like(key: &str, v: String, schemes: &[&str]) -> Result<String, ConfigError> {

@@ -26,6 +26,7 @@ pub mod domain;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
 pub mod metrics;
+pub mod nats_auth;
 pub mod outbox;
 pub mod relay;
 pub mod startup;

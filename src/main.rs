@@ -1,15 +1,20 @@
 //! The `gm-relay` binary: `gm-relay serve [--config <file>]`.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use gm_relay::config::Config;
 use gm_relay::startup::Application;
 
-const USAGE: &str = "usage: gm-relay serve [--config <file>]";
+const USAGE: &str = "usage: gm-relay serve [--config <file>]
+       gm-relay nats-auth --hosts <ids and ranges, e.g. 1-100,205> --out <auth.conf> --keys-dir <dir>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("nats-auth") {
+        return nats_auth(&args[1..]);
+    }
     let config_path = match args.as_slice() {
         [cmd] if cmd == "serve" => None,
         [cmd, flag, path] if cmd == "serve" && flag == "--config" => Some(path.clone()),
@@ -39,6 +44,40 @@ fn main() -> ExitCode {
             tracing::error!(error = format!("{e:#}"), "gm-relay stopped with an error");
             eprintln!("gm-relay: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `gm-relay nats-auth --hosts .. --out .. --keys-dir ..`
+fn nats_auth(args: &[String]) -> ExitCode {
+    let mut flags = std::collections::HashMap::new();
+    for pair in args.chunks(2) {
+        match pair {
+            [k, v] if ["--hosts", "--out", "--keys-dir"].contains(&k.as_str()) => {
+                flags.insert(k.as_str(), v.as_str());
+            }
+            _ => {
+                eprintln!("{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let (Some(hosts), Some(out), Some(keys)) =
+        (flags.get("--hosts"), flags.get("--out"), flags.get("--keys-dir"))
+    else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = gm_relay::nats_auth::parse_hosts(hosts)
+        .and_then(|hosts| gm_relay::nats_auth::generate(&hosts, Path::new(out), Path::new(keys)));
+    match result {
+        Ok(users) => {
+            println!("wrote {out} ({users} users); seeds in {keys}/ (relay.nk, console.nk, host_<n>.nk)");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gm-relay nats-auth: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -48,7 +48,11 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let client = async_nats::ConnectOptions::new()
+        let options = match &config.nats_nkey_seed {
+            Some(seed) => async_nats::ConnectOptions::with_nkey(seed.clone()),
+            None => async_nats::ConnectOptions::new(),
+        };
+        let client = options
             .name("gm-relay")
             .connection_timeout(NATS_CONNECT_TIMEOUT)
             .event_callback(|event| async move { tracing::info!(%event, "nats connection event") })

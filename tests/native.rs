@@ -38,7 +38,7 @@ async fn native_and_legacy_hosts_share_one_relay() {
     app.add(7, 4, 1001).await; // native host 4
     app.add(7, 3, 2001).await; // legacy host 3
 
-    let native = GameServer::connect(&app.nats.url(), 4).await.expect("binds host_4");
+    let native = GameServer::connect(&app.nats.url(), 4, None).await.expect("binds host_4");
     let added = next(&native).await;
     assert_eq!(added["type"], "friend_add");
     assert_eq!(
@@ -74,7 +74,7 @@ async fn native_send_checks_and_idempotency() {
     app.create_gm(7, "Alice").await;
     app.add(7, 4, 1001).await;
     app.add(7, 3, 2001).await;
-    let native = GameServer::connect(&app.nats.url(), 4).await.expect("binds host_4");
+    let native = GameServer::connect(&app.nats.url(), 4, None).await.expect("binds host_4");
 
     let errno = |v: Value| (v["ok"].clone(), v["errno"].clone());
     assert_eq!(
@@ -104,7 +104,7 @@ async fn presence_and_friend_changes_arrive_as_events() {
     app.create_gm(7, "Alice").await;
     app.add(7, 4, 1001).await;
     app.add(7, 4, 1002).await;
-    let native = GameServer::connect(&app.nats.url(), 4).await.expect("binds host_4");
+    let native = GameServer::connect(&app.nats.url(), 4, None).await.expect("binds host_4");
     assert_eq!(drain(&native).await.len(), 2, "two friend_add events");
 
     assert_eq!(app.gm("action=offline&gm_account=7").await.json(), json!({"res": 1}));
@@ -132,7 +132,7 @@ async fn a_server_that_was_down_gets_everything_it_missed_in_order() {
     app.create_gm(7, "Alice").await;
     app.add(7, 4, 1001).await;
     {
-        let native = GameServer::connect(&app.nats.url(), 4).await.expect("binds host_4");
+        let native = GameServer::connect(&app.nats.url(), 4, None).await.expect("binds host_4");
         assert_eq!(next(&native).await["type"], "friend_add");
     } // the game server goes away
     for i in 0..5 {
@@ -140,7 +140,7 @@ async fn a_server_that_was_down_gets_everything_it_missed_in_order() {
     }
     assert_eq!(app.gm("action=del&gm_account=7&uid=1001").await.json(), json!({"res": 1}));
 
-    let native = GameServer::connect(&app.nats.url(), 4).await.expect("binds host_4 again");
+    let native = GameServer::connect(&app.nats.url(), 4, None).await.expect("binds host_4 again");
     let events = drain(&native).await;
     let seen: Vec<String> = events
         .iter()
