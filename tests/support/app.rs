@@ -53,10 +53,8 @@ impl Reply {
 
     /// A base64 field decoded and parsed as JSON.
     pub fn b64_json(&self, field: &str) -> serde_json::Value {
-        let b64 = self.json()[field]
-            .as_str()
-            .unwrap_or_else(|| panic!("no {field} in {}", self.text()))
-            .to_owned();
+        let b64 =
+            self.json()[field].as_str().unwrap_or_else(|| panic!("no {field} in {}", self.text())).to_owned();
         let raw = STANDARD.decode(b64).expect("field is base64");
         serde_json::from_slice(&raw).expect("field holds JSON")
     }
@@ -112,20 +110,14 @@ impl TestApp {
     pub fn servers_only(settings: &[(&str, &str)]) -> TestApp {
         let nats = NatsServer::start();
         let redis = RedisServer::start();
-        let settings = settings
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let settings = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         TestApp {
             nats,
             redis,
             settings,
             running: None,
             process: None,
-            http: reqwest::Client::builder()
-                .timeout(HTTP_TIMEOUT)
-                .build()
-                .expect("client"),
+            http: reqwest::Client::builder().timeout(HTTP_TIMEOUT).build().expect("client"),
         }
     }
 
@@ -149,10 +141,7 @@ impl TestApp {
 
     /// Starts an in-process relay.
     pub async fn start(&mut self) {
-        assert!(
-            self.running.is_none() && self.process.is_none(),
-            "a relay is already running"
-        );
+        assert!(self.running.is_none() && self.process.is_none(), "a relay is already running");
         let config = Config::from_map(&self.config_map()).expect("test config is valid");
         let app = tokio::time::timeout(RELAY_DEADLINE, Application::build(config))
             .await
@@ -164,12 +153,7 @@ impl TestApp {
         let join = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
         }));
-        self.running = Some(InProcess {
-            addr,
-            relay,
-            stop,
-            join,
-        });
+        self.running = Some(InProcess { addr, relay, stop, join });
     }
 
     /// Stops the in-process relay gracefully (as on SIGTERM) and waits for it.
@@ -185,31 +169,17 @@ impl TestApp {
 
     /// The in-process relay, to arm fault points or call use cases directly.
     pub fn relay(&self) -> Arc<AppRelay> {
-        Arc::clone(
-            &self
-                .running
-                .as_ref()
-                .expect("an in-process relay is running")
-                .relay,
-        )
+        Arc::clone(&self.running.as_ref().expect("an in-process relay is running").relay)
     }
 
     /// Starts the real `gm-relay serve` binary; `extra_env` adds to the settings.
     pub async fn start_process(&mut self, extra_env: &[(&str, &str)]) {
-        assert!(
-            self.running.is_none() && self.process.is_none(),
-            "a relay is already running"
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("free port")
-            .local_addr()
-            .unwrap()
-            .port();
+        assert!(self.running.is_none() && self.process.is_none(), "a relay is already running");
+        let port =
+            std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().unwrap().port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gm-relay"));
-        cmd.arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        cmd.arg("serve").env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
         for (k, v) in self.config_map() {
             cmd.env(k, v);
         }
@@ -217,11 +187,8 @@ impl TestApp {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("gm-relay binary starts");
+        let child =
+            cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("gm-relay binary starts");
         self.process = Some((child, addr));
         let http = self.http.clone();
         wait_until_async(
@@ -261,16 +228,11 @@ impl TestApp {
 
     /// GET `path?query` with extra headers.
     pub async fn get_with(&self, path_and_query: &str, headers: &[(&str, &str)]) -> Reply {
-        let mut req = self
-            .http
-            .get(format!("{}{path_and_query}", self.base_url()));
+        let mut req = self.http.get(format!("{}{path_and_query}", self.base_url()));
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = req
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {path_and_query}: {e}"));
+        let resp = req.send().await.unwrap_or_else(|e| panic!("GET {path_and_query}: {e}"));
         let status = resp.status().as_u16();
         let content_type = resp
             .headers()
@@ -278,11 +240,7 @@ impl TestApp {
             .map(|v| v.to_str().unwrap_or("").to_owned())
             .unwrap_or_default();
         let body = resp.bytes().await.expect("body").to_vec();
-        Reply {
-            status,
-            content_type,
-            body,
-        }
+        Reply { status, content_type, body }
     }
 
     pub async fn get(&self, path_and_query: &str) -> Reply {
@@ -301,40 +259,24 @@ impl TestApp {
 
     /// Creates GM `gm` named `name`; asserts success.
     pub async fn create_gm(&self, gm: i64, name: &str) {
-        let r = self
-            .gm(&format!(
-                "action=create&gm_account={gm}&gm_name={}",
-                enc(name)
-            ))
-            .await;
+        let r = self.gm(&format!("action=create&gm_account={gm}&gm_name={}", enc(name))).await;
         assert_eq!(r.json(), serde_json::json!({"res": 1}), "create {gm}");
     }
 
     /// Befriends `uid` on `host` for `gm`; asserts success.
     pub async fn add(&self, gm: i64, host: i64, uid: i64) {
-        let r = self
-            .gm(&format!("action=add&gm_account={gm}&host={host}&uid={uid}"))
-            .await;
-        assert_eq!(
-            r.json(),
-            serde_json::json!({"res": 1}),
-            "add {gm} {host} {uid}"
-        );
+        let r = self.gm(&format!("action=add&gm_account={gm}&host={host}&uid={uid}")).await;
+        assert_eq!(r.json(), serde_json::json!({"res": 1}), "add {gm} {host} {uid}");
     }
 
     /// GM sends `text`; returns the reply.
     pub async fn gm_send(&self, gm: i64, uid: i64, text: &str) -> Reply {
-        self.gm(&format!(
-            "action=send&gm_account={gm}&uid={uid}&msg={}",
-            enc(&b64(text))
-        ))
-        .await
+        self.gm(&format!("action=send&gm_account={gm}&uid={uid}&msg={}", enc(&b64(text)))).await
     }
 
     /// Player sends `text` through a legacy game server; returns the reply.
     pub async fn gs_send(&self, uid: i64, text: &str) -> Reply {
-        self.gs(&format!("action=send&uid={uid}&msg={}", enc(&b64(text))))
-            .await
+        self.gs(&format!("action=send&uid={uid}&msg={}", enc(&b64(text)))).await
     }
 
     /// GS `receive` for `host`: `[(uid, [texts])]`, texts decoded from base64.
@@ -346,10 +288,7 @@ impl TestApp {
             .expect("data is a list")
             .iter()
             .map(|e| {
-                (
-                    e["uid"].as_str().expect("uid string").to_owned(),
-                    decode_joined(e["msg"].as_str().unwrap()),
-                )
+                (e["uid"].as_str().expect("uid string").to_owned(), decode_joined(e["msg"].as_str().unwrap()))
             })
             .collect()
     }
@@ -368,10 +307,7 @@ impl TestApp {
                     .unwrap()
                     .iter()
                     .map(|e| {
-                        (
-                            e["uid"].as_str().unwrap().to_owned(),
-                            decode_joined(e["msg"].as_str().unwrap()),
-                        )
+                        (e["uid"].as_str().unwrap().to_owned(), decode_joined(e["msg"].as_str().unwrap()))
                     })
                     .collect();
                 (gm.clone(), entries)
@@ -390,9 +326,7 @@ impl TestApp {
 /// Splits a `,`-joined receive `msg` and decodes each part.
 pub fn decode_joined(msg: &str) -> Vec<String> {
     msg.split(',')
-        .map(|m| {
-            String::from_utf8(STANDARD.decode(m).expect("each message is base64")).expect("UTF-8")
-        })
+        .map(|m| String::from_utf8(STANDARD.decode(m).expect("each message is base64")).expect("UTF-8"))
         .collect()
 }
 
@@ -402,5 +336,161 @@ impl Drop for TestApp {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Looking behind the relay: what NATS and Redis actually hold. For assertions only; the
+// relay under test never sees these connections.
+
+/// One message as JetStream stored it.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub subject: String,
+    pub stream_seq: u64,
+    /// The `Nats-Msg-Id` header, if any.
+    pub msg_id: Option<String>,
+    /// The payload parsed as JSON (panics if it is not JSON).
+    pub body: serde_json::Value,
+}
+
+/// Streams read by [`stored_events`] hold at most this many messages in a test.
+const MAX_STORED_EVENTS: u64 = 10_000;
+
+/// Every message stored in `stream` whose subject is `subject` or, when `subject` ends in
+/// `.>`, starts with the part before it; in stream order. Reads by sequence, so it sees
+/// exactly what the stream holds, whoever consumed it.
+pub async fn stored_events(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> Vec<StoredEvent> {
+    let stream = js.get_stream(stream).await.unwrap_or_else(|e| panic!("stream {stream}: {e}"));
+    let state = stream.get_info().await.expect("stream info").state;
+    if state.messages == 0 {
+        return Vec::new();
+    }
+    assert!(state.last_sequence - state.first_sequence < MAX_STORED_EVENTS, "stream too long for a test");
+    let matches = |s: &str| match subject.strip_suffix('>') {
+        Some(prefix) => s.starts_with(prefix),
+        None => s == subject,
+    };
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        // A deleted sequence is an error; limits retention in a test deletes nothing.
+        let Ok(m) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        if !matches(m.subject.as_str()) {
+            continue;
+        }
+        out.push(StoredEvent {
+            subject: m.subject.to_string(),
+            stream_seq: m.sequence,
+            msg_id: m.headers.get("Nats-Msg-Id").map(|v| v.as_str().to_owned()),
+            body: serde_json::from_slice(&m.payload).unwrap_or_else(|e| {
+                panic!("stored message {seq} is not JSON ({e}): {}", String::from_utf8_lossy(&m.payload))
+            }),
+        });
+    }
+    out
+}
+
+/// `(num_pending, num_ack_pending)` of a durable consumer, or None if it does not exist.
+pub async fn consumer_backlog(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    durable: &str,
+) -> Option<(u64, usize)> {
+    let stream = js.get_stream(stream).await.ok()?;
+    let info = stream.consumer_info(durable).await.ok()?;
+    Some((info.num_pending, info.num_ack_pending))
+}
+
+impl TestApp {
+    /// A connection of the test's own to the relay's Redis.
+    pub async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to Redis")
+    }
+
+    /// A JetStream context of the test's own on the relay's NATS.
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        let client = async_nats::connect(self.nats.url()).await.expect("connect to NATS");
+        async_nats::jetstream::new(client)
+    }
+
+    /// Status of `GET /readyz`, or None when the relay does not answer within 5 s.
+    pub async fn readyz(&self) -> Option<u16> {
+        self.http
+            .get(format!("{}/readyz", self.base_url()))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+
+    /// Waits until `/readyz` answers `status`.
+    pub async fn wait_readyz(&self, status: u16, deadline: Duration) {
+        wait_until_async(deadline, &format!("/readyz answers {status}"), || async move {
+            self.readyz().await == Some(status)
+        })
+        .await;
+    }
+
+    /// Waits until no legacy poll holds its turn (its Redis lease): every poll answered so
+    /// far has had its acks confirmed by the broker, so killing the relay now repeats
+    /// nothing.
+    pub async fn wait_polls_settled(&self, deadline: Duration) {
+        let conn = self.redis_conn().await;
+        wait_until_async(deadline, "no poll lease is held", || {
+            let mut conn = conn.clone();
+            async move {
+                let held: Vec<String> =
+                    redis::cmd("KEYS").arg("gmr:lease:poll:*").query_async(&mut conn).await.expect("KEYS");
+                held.is_empty()
+            }
+        })
+        .await;
+    }
+
+    /// A GET with its own timeout: `Err` when it does not answer in time (a hang).
+    pub async fn try_get(&self, path_and_query: &str, timeout: Duration) -> Result<Reply, reqwest::Error> {
+        let resp =
+            self.http.get(format!("{}{path_and_query}", self.base_url())).timeout(timeout).send().await?;
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap_or("").to_owned())
+            .unwrap_or_default();
+        let body = resp.bytes().await?.to_vec();
+        Ok(Reply { status, content_type, body })
+    }
+
+    /// Whether the relay process started by [`TestApp::start_process`] still runs.
+    pub fn process_running(&mut self) -> bool {
+        self.process.as_mut().is_some_and(|(child, _)| matches!(child.try_wait(), Ok(None)))
+    }
+}
+
+impl TestApp {
+    /// An in-process relay on a NATS server the test started itself (e.g. with an
+    /// authorization config), and a fresh Redis.
+    pub async fn spawn_on(nats: NatsServer, settings: &[(&str, &str)]) -> TestApp {
+        let mut app = TestApp {
+            nats,
+            redis: RedisServer::start(),
+            settings: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            running: None,
+            process: None,
+            http: reqwest::Client::builder().timeout(HTTP_TIMEOUT).build().expect("client"),
+        };
+        app.start().await;
+        app
     }
 }

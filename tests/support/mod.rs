@@ -94,9 +94,7 @@ fn repo_root() -> PathBuf {
 
 fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| candidate.is_file())
 }
 
 /// Finds a server binary: `$env_var`, then `preferred` paths, then `name` on `PATH`.
@@ -110,17 +108,12 @@ fn find_binary(env_var: &str, preferred: &[PathBuf], name: &str) -> PathBuf {
         );
         return path;
     }
-    preferred
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .or_else(|| on_path(name))
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} not found (looked at ${env_var}, {preferred:?} and PATH); \
+    preferred.iter().find(|p| p.is_file()).cloned().or_else(|| on_path(name)).unwrap_or_else(|| {
+        panic!(
+            "{name} not found (looked at ${env_var}, {preferred:?} and PATH); \
                  run ./deploy/test, which installs it, or set {env_var}"
-            )
-        })
+        )
+    })
 }
 
 fn read_log(path: &Path) -> String {
@@ -129,9 +122,7 @@ fn read_log(path: &Path) -> String {
 
 fn lock(child: &Mutex<Option<Child>>) -> MutexGuard<'_, Option<Child>> {
     // A panic while holding the lock leaves the Child intact; keep using it.
-    child
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    child.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Kills (SIGKILL, like `kill -9`) and reaps the child, if any.
@@ -145,9 +136,7 @@ fn kill_and_reap(child: &Mutex<Option<Child>>) {
 /// The child's state: `Some(true)` running, `Some(false)` exited (crashed), `None` stopped
 /// on purpose.
 fn child_running(child: &Mutex<Option<Child>>) -> Option<bool> {
-    lock(child)
-        .as_mut()
-        .map(|c| matches!(c.try_wait(), Ok(None)))
+    lock(child).as_mut().map(|c| matches!(c.try_wait(), Ok(None)))
 }
 
 /// A fresh log file `<dir>/<stem>-<n>.log` for the n-th run, so a restart's log does not
@@ -155,8 +144,8 @@ fn child_running(child: &Mutex<Option<Child>>) -> Option<bool> {
 fn next_log(dir: &Path, stem: &str, runs: &mut u32) -> (PathBuf, File) {
     *runs += 1;
     let path = dir.join(format!("{stem}-{runs}.log"));
-    let file = File::create(&path)
-        .unwrap_or_else(|e| panic!("cannot create log file {}: {e}", path.display()));
+    let file =
+        File::create(&path).unwrap_or_else(|e| panic!("cannot create log file {}: {e}", path.display()));
     (path, file)
 }
 
@@ -264,10 +253,7 @@ impl NatsServer {
             .stdout(log_file.try_clone().expect("clone log file handle"))
             .stderr(log_file);
         let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!(
-                "cannot run {}: {e}; run ./deploy/test, which installs it",
-                self.binary.display()
-            )
+            panic!("cannot run {}: {e}; run ./deploy/test, which installs it", self.binary.display())
         });
         *lock(&self.child) = Some(child);
 
@@ -395,14 +381,8 @@ impl RedisServer {
             .prefix("gm-relay-redis-")
             .tempdir()
             .expect("create temp dir for redis-server");
-        let mut server = RedisServer {
-            child: Mutex::new(None),
-            port: 0,
-            binary,
-            dir,
-            log: PathBuf::new(),
-            runs: 0,
-        };
+        let mut server =
+            RedisServer { child: Mutex::new(None), port: 0, binary, dir, log: PathBuf::new(), runs: 0 };
         let mut last_log = String::new();
         for _ in 0..REDIS_PORT_ATTEMPTS {
             let port = free_port();
@@ -435,10 +415,7 @@ impl RedisServer {
             .stderr(log_file)
             .spawn()
             .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run {}: {e}; run ./deploy/test, which installs it",
-                    self.binary.display()
-                )
+                panic!("cannot run {}: {e}; run ./deploy/test, which installs it", self.binary.display())
             });
         let pid = child.id();
         *lock(&self.child) = Some(child);
@@ -448,10 +425,8 @@ impl RedisServer {
             // PING, then check the answering server is ours: if another process held the
             // port, ours exits and that one would answer.
             if redis_command(port, "PING").is_ok_and(|reply| reply == "+PONG")
-                && redis_command(port, "INFO server").is_ok_and(|info| {
-                    info.lines()
-                        .any(|l| l.trim() == format!("process_id:{pid}"))
-                })
+                && redis_command(port, "INFO server")
+                    .is_ok_and(|info| info.lines().any(|l| l.trim() == format!("process_id:{pid}")))
             {
                 return Ok(());
             }
@@ -565,9 +540,8 @@ fn redis_command(port: u16, command: &str) -> io::Result<String> {
         match head.strip_prefix('$') {
             // Bulk string: `$<len>\r\n<bytes>\r\n`.
             Some(len) => {
-                let len: usize = len
-                    .parse()
-                    .map_err(|_| io::Error::other(format!("bad bulk reply {head:?}")))?;
+                let len: usize =
+                    len.parse().map_err(|_| io::Error::other(format!("bad bulk reply {head:?}")))?;
                 let body = eol + 2;
                 if reply.len() >= body + len {
                     return Ok(String::from_utf8_lossy(&reply[body..body + len]).into_owned());
