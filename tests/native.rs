@@ -15,7 +15,42 @@ use support::app::TestApp;
 const WAIT: Duration = Duration::from_secs(5);
 
 async fn next(server: &GameServer) -> Value {
-    server.next_event(WAIT).await.expect("fetch works").expect("an event arrives in time")
+    let event = server.next_event(WAIT).await.expect("fetch works").expect("an event arrives in time");
+    assert_matches_schema(&event);
+    event
+}
+
+/// Checks an envelope against `nats/schema/<type>.schema.json`: required fields, no
+/// others, constants, JSON types, and ids in canonical form. (The schemas use only these.)
+fn assert_matches_schema(event: &Value) {
+    let kind = event["type"].as_str().expect("type is a string");
+    let path = format!("{}/nats/schema/{kind}.schema.json", env!("CARGO_MANIFEST_DIR"));
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("schema exists")).unwrap();
+    let fields = event.as_object().expect("envelope is an object");
+    let props = schema["properties"].as_object().unwrap();
+    for required in schema["required"].as_array().unwrap() {
+        assert!(fields.contains_key(required.as_str().unwrap()), "{kind}: {required} missing in {event}");
+    }
+    for (key, value) in fields {
+        let prop = props.get(key).unwrap_or_else(|| panic!("{kind}: field {key} not in the schema"));
+        if let Some(c) = prop.get("const") {
+            assert_eq!(value, c, "{kind}.{key}");
+        }
+        match prop["type"].as_str() {
+            Some("string") => {
+                let s = value.as_str().unwrap_or_else(|| panic!("{kind}.{key} is not a string"));
+                if prop.get("pattern").is_some() {
+                    assert!(
+                        gm_relay::domain::ids::parse_canonical(s.as_bytes()).is_some(),
+                        "{kind}.{key} = {s:?}"
+                    );
+                }
+            }
+            Some("integer") => assert!(value.is_i64() || value.is_u64(), "{kind}.{key} is not an integer"),
+            _ => {}
+        }
+    }
 }
 
 /// Events until none arrives for a short while.
@@ -24,7 +59,10 @@ async fn drain(server: &GameServer) -> Vec<Value> {
     // Bounded: these tests produce a handful of events.
     for _ in 0..100 {
         match server.next_event(Duration::from_millis(300)).await.expect("fetch works") {
-            Some(e) => events.push(e),
+            Some(e) => {
+                assert_matches_schema(&e);
+                events.push(e)
+            }
             None => break,
         }
     }
