@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify, OwnedMutexGuard};
 
 use crate::domain::event::{new_event_id, now_ms};
-use crate::domain::poll::{plan_chat, plan_relation, Conversation, Grouping, RelationChanges};
+use crate::domain::poll::{plan_chat, plan_relation, Conversation, Grouping, PollReply, RelationChanges};
 use crate::domain::ports::{
     Delivery, EventBus, Feed, FriendStore, LeaseToken, RoleService, RoleVerdict, RosterEntry, Route, Settle,
 };
@@ -19,8 +19,17 @@ use crate::domain::{ChatText, Envelope, Errno, GmId, GmName, HostId, RelayError,
 /// confirm (the original's `is_inter_server`).
 pub const ROLE_CHECK_FROM_HOST: i64 = 1000;
 
-/// A poll returns at most this many uids or events (the protocol's bound).
-pub const POLL_MAX: usize = 1000;
+pub use crate::domain::poll::MAX_ENTRIES_PER_POLL as POLL_MAX;
+
+/// Messages fetched per round trip of a poll.
+const FETCH_BATCH: usize = 1000;
+
+/// Messages one poll may fetch. A poll keeps fetching while its reply has room and the
+/// feed has more, so one player's backlog (nak'd beyond 10) cannot crowd out everyone
+/// else's messages, and a relation poll pages through chat it does not serve quickly. The
+/// bound keeps a poll's cost (and the consumer's unacked count, see the NATS adapter's
+/// `LEGACY_MAX_ACK_PENDING`) limited.
+const MAX_FETCH_PER_POLL: usize = 10_000;
 
 /// Players per resync reply page: about 100 bytes each, far below NATS's payload limit.
 pub const RESYNC_PAGE: usize = 1000;
@@ -224,26 +233,47 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
 
     /// Takes this feed's turn (local lock, then the cross-relay lease), fetches and plans.
     /// The ticket holds the turn until the reply is out and the broker applied the acks.
-    async fn poll<T: Default>(
+    async fn poll<T: PollReply>(
         self: &Arc<Self>,
         feed: Feed,
-        plan: impl FnOnce(&[Delivery<B::Handle>]) -> (T, Vec<Settle>),
+        plan: impl Fn(&[Delivery<B::Handle>]) -> (T, Vec<Settle>),
     ) -> Result<PollTicket<T, S, B, R>, RelayError> {
         let Some(turn) = self.take_turn(feed).await? else {
             tracing::warn!(feed = %feed.key(), "poll gave up waiting for its turn");
             return Ok(PollTicket::empty());
         };
-        let mut deliveries = match self.bus.fetch(feed, POLL_MAX).await {
-            Ok(d) => d,
-            Err(e) => {
-                self.end_turn(turn).await;
-                return Err(e);
+        let mut deliveries = Vec::new();
+        let mut planned = None;
+        while deliveries.len() < MAX_FETCH_PER_POLL {
+            let batch = match self
+                .bus
+                .fetch(feed, FETCH_BATCH.min(MAX_FETCH_PER_POLL - deliveries.len()))
+                .await
+            {
+                Ok(batch) => batch,
+                // Serve what earlier rounds fetched; a failed first round fails the poll.
+                Err(e) if deliveries.is_empty() => {
+                    self.end_turn(turn).await;
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!(feed = %feed.key(), error = %e, "poll fetch round failed; serving what it has");
+                    break;
+                }
+            };
+            let more = batch.len() == FETCH_BATCH;
+            deliveries.extend(batch);
+            // A fetch hands out redeliveries before new messages; stream order is what
+            // the protocol promises.
+            deliveries.sort_by_key(|d| d.stream_seq);
+            let (reply, settles) = plan(&deliveries);
+            let full = reply.entries() >= POLL_MAX;
+            planned = Some((reply, settles));
+            if !more || full {
+                break;
             }
-        };
-        // A fetch hands out redeliveries before new messages; stream order is what the
-        // protocol promises.
-        deliveries.sort_by_key(|d| d.stream_seq);
-        let (reply, settles) = plan(&deliveries);
+        }
+        let (reply, settles) = planned.unwrap_or_else(|| plan(&deliveries));
         let settles = deliveries.into_iter().zip(settles).map(|(d, s)| (d.handle, s)).collect();
         Ok(PollTicket { reply, settlement: Some(Settlement { relay: Arc::clone(self), settles, turn }) })
     }
@@ -319,7 +349,7 @@ pub struct PollTicket<T, S: FriendStore, B: EventBus, R: RoleService> {
     settlement: Option<Settlement<S, B, R>>,
 }
 
-impl<T: Default, S: FriendStore, B: EventBus, R: RoleService> PollTicket<T, S, B, R> {
+impl<T: PollReply, S: FriendStore, B: EventBus, R: RoleService> PollTicket<T, S, B, R> {
     fn empty() -> Self {
         Self { reply: T::default(), settlement: None }
     }

@@ -15,6 +15,27 @@ use super::ports::{Delivery, Settle};
 /// The original system's `MAX_RECV_AMOUNT`: messages of one uid per poll.
 pub const MAX_PER_CONVERSATION: usize = 10;
 
+/// A poll returns at most this many uids or events (the protocol's bound); what does not
+/// fit is nak'd and comes first next poll.
+pub const MAX_ENTRIES_PER_POLL: usize = 1000;
+
+/// The number of entries a planned reply holds, so a poll knows when it is full.
+pub trait PollReply: Default {
+    fn entries(&self) -> usize;
+}
+
+impl PollReply for Vec<Conversation> {
+    fn entries(&self) -> usize {
+        self.len()
+    }
+}
+
+impl PollReply for RelationChanges {
+    fn entries(&self) -> usize {
+        self.apply.len() + self.remove.len()
+    }
+}
+
 /// One entry of a chat poll's reply: a conversation's messages, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conversation {
@@ -49,10 +70,15 @@ pub fn plan_chat<H>(deliveries: &[Delivery<H>], grouping: Grouping) -> (Vec<Conv
                 Grouping::ByPlayer => (None, uid),
                 Grouping::ByConversation => (Some(event.gm), uid),
             };
-            let slot = *index.entry(key).or_insert_with(|| {
-                entries.push(Conversation { gm: event.gm, uid, texts: Vec::new() });
-                entries.len() - 1
-            });
+            let slot = match index.get(&key) {
+                Some(slot) => *slot,
+                None if entries.len() >= MAX_ENTRIES_PER_POLL => return Settle::Nak,
+                None => {
+                    entries.push(Conversation { gm: event.gm, uid, texts: Vec::new() });
+                    index.insert(key, entries.len() - 1);
+                    entries.len() - 1
+                }
+            };
             let entry = &mut entries[slot];
             if entry.texts.len() < MAX_PER_CONVERSATION {
                 entry.texts.push(text.clone());
@@ -75,10 +101,12 @@ pub struct RelationChanges {
 
 /// Plans a relation poll: per uid the event with the highest `rev` wins (later in the
 /// stream on a tie), so add-then-remove before a poll reports only the remove and
-/// remove-then-add only the add. Everything fetched is acked.
+/// remove-then-add only the add. Events of uids past [`MAX_ENTRIES_PER_POLL`] are nak'd;
+/// everything else fetched is acked.
 pub fn plan_relation<H>(deliveries: &[Delivery<H>]) -> (RelationChanges, Vec<Settle>) {
     let mut latest: HashMap<Uid, usize> = HashMap::new();
     let mut order: Vec<Uid> = Vec::new();
+    let mut settles = vec![Settle::Ack; deliveries.len()];
     for (i, d) in deliveries.iter().enumerate() {
         let Some(event) = d.event.as_ref() else {
             continue;
@@ -87,6 +115,10 @@ pub fn plan_relation<H>(deliveries: &[Delivery<H>]) -> (RelationChanges, Vec<Set
             continue;
         }
         let Some(uid) = event.uid else { continue };
+        if !latest.contains_key(&uid) && order.len() >= MAX_ENTRIES_PER_POLL {
+            settles[i] = Settle::Nak;
+            continue;
+        }
         match latest.get(&uid) {
             Some(&j) if deliveries[j].event.as_ref().and_then(|e| e.rev) > event.rev => {}
             Some(_) => {
@@ -109,7 +141,7 @@ pub fn plan_relation<H>(deliveries: &[Delivery<H>]) -> (RelationChanges, Vec<Set
             changes.remove.push(uid);
         }
     }
-    (changes, vec![Settle::Ack; deliveries.len()])
+    (changes, settles)
 }
 
 #[cfg(test)]
@@ -154,6 +186,20 @@ mod tests {
         assert_eq!(entries.len(), 2);
         assert_eq!((entries[1].gm, entries[1].texts.clone()), (GmId(8), vec!["b".to_owned()]));
         assert_eq!(settles, vec![Settle::Ack; 3]);
+    }
+
+    #[test]
+    fn entries_past_the_poll_bound_are_nakd() {
+        let ds: Vec<_> = (0..MAX_ENTRIES_PER_POLL as i64 + 5).map(|u| chat(u as u64, 7, u, "x")).collect();
+        let (entries, settles) = plan_chat(&ds, Grouping::ByPlayer);
+        assert_eq!(entries.len(), MAX_ENTRIES_PER_POLL);
+        assert_eq!(settles.iter().filter(|s| **s == Settle::Nak).count(), 5);
+        let ds: Vec<_> = (0..MAX_ENTRIES_PER_POLL as i64 + 5)
+            .map(|u| friend(u as u64, EventKind::FriendAdd, 7, u, 1))
+            .collect();
+        let (changes, settles) = plan_relation(&ds);
+        assert_eq!(changes.apply.len(), MAX_ENTRIES_PER_POLL);
+        assert_eq!(settles[MAX_ENTRIES_PER_POLL..], [Settle::Nak; 5]);
     }
 
     #[test]
