@@ -164,6 +164,7 @@ impl JetStreamBus {
     }
 
     async fn consumer(&self, feed: Feed) -> Result<PullConsumer, RelayError> {
+        self.ensure_connected()?;
         if let Some(c) = self.consumers.lock().unwrap_or_else(|p| p.into_inner()).get(&feed) {
             return Ok(c.clone());
         }
@@ -215,11 +216,23 @@ impl JetStreamBus {
         }
     }
 
+    /// Fails at once while disconnected. async-nats would otherwise buffer the publish and
+    /// send it on reconnect, after the caller answered "unavailable, nothing changed". (A
+    /// publish written just before a disconnect can still arrive late; see the README.)
+    fn ensure_connected(&self) -> Result<(), RelayError> {
+        use async_nats::connection::State;
+        match self.client.connection_state() {
+            State::Connected => Ok(()),
+            state => Err(unavailable(format!("NATS connection is {state:?}"))),
+        }
+    }
+
     async fn send(
         &self,
         route: Route,
         event: &Envelope,
     ) -> Result<jetstream::context::PublishAckFuture, RelayError> {
+        self.ensure_connected()?;
         let payload = serde_json::to_vec(event).map_err(unavailable)?;
         let message = PublishMessage::build().payload(payload.into()).message_id(&event.id);
         self.js.send_publish(names::subject(route), message).await.map_err(unavailable)
@@ -320,6 +333,7 @@ impl EventBus for JetStreamBus {
     }
 
     async fn ensure_host_consumer(&self, host: HostId) -> Result<(), RelayError> {
+        self.ensure_connected()?;
         if self.host_consumers.lock().unwrap_or_else(|p| p.into_inner()).contains(&host) {
             return Ok(());
         }

@@ -32,6 +32,12 @@ pub const PREFIX: &str = "gmr:";
 /// A command that takes longer than this is treated as Redis being unavailable (errno 10).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A mutating script that starts later than this after it was sent changes nothing and
+/// reports "too late": the caller has given up at [`RESPONSE_TIMEOUT`] and answered errno
+/// 10, which promises that nothing changed. The margin covers clock skew between this
+/// host and Redis's (same machine or NTP-synced).
+const SCRIPT_DEADLINE: Duration = Duration::from_millis(1500);
+
 /// Bound on one (re)connection attempt, so a request never waits on a dead server for long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -58,6 +64,14 @@ mod keys {
 /// Lua helpers shared by the mutating scripts. `P` is the key prefix (ARGV[1]).
 const LUA_PRELUDE: &str = r#"
 local P = ARGV[1]
+-- The caller gives up waiting at its deadline (ms since the epoch, the last argument) and
+-- answers "unavailable, nothing changed"; a script that only starts after it must then
+-- change nothing.
+local DEADLINE = tonumber(ARGV[#ARGV])
+local function too_late()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > DEADLINE
+end
 local function k_name(gm) return P .. 'gm:' .. gm .. ':name' end
 local function k_friends(gm) return P .. 'gm:' .. gm .. ':friends' end
 local function k_hosts(gm) return P .. 'gm:' .. gm .. ':hosts' end
@@ -76,6 +90,7 @@ end
 
 /// ARGV: prefix, gm, name. Returns {errno}.
 const CREATE_GM: &str = r#"
+if too_late() then return {-3} end
 local gm, name = ARGV[2], ARGV[3]
 if redis.call('EXISTS', k_name(gm)) == 1 then return {1} end
 redis.call('SET', k_name(gm), name)
@@ -93,6 +108,7 @@ return {0}
 
 /// ARGV: prefix, gm, host, uid, event id, ts. Returns {errno, outbox seq}.
 const ADD_FRIEND: &str = r#"
+if too_late() then return {-3} end
 local gm, host, uid, id, ts = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local name = redis.call('GET', k_name(gm))
 if not name then return {2} end
@@ -111,6 +127,7 @@ return {0, emit({v = 1, id = id, type = 'friend_add', host = host, uid = uid, gm
 
 /// ARGV: prefix, gm, uid, event id, ts. Returns {errno, outbox seq}.
 const REMOVE_FRIEND: &str = r#"
+if too_late() then return {-3} end
 local gm, uid, id, ts = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local name = redis.call('GET', k_name(gm))
 if not name then return {2} end
@@ -132,6 +149,7 @@ return {0, emit({v = 1, id = id, type = 'friend_remove', host = host, uid = uid,
 /// ARGV: prefix, gm, event id base, ts, 'online'|'offline'. Returns {errno, last seq or 0}.
 /// One presence event per host where the GM has players; ids are `<base>.<host>`.
 const SET_PRESENCE: &str = r#"
+if too_late() then return {-3} end
 local gm, id, ts, mode = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local name = redis.call('GET', k_name(gm))
 local changed
@@ -258,6 +276,9 @@ fn check(reply: Vec<redis::Value>) -> Result<Vec<redis::Value>, RelayError> {
     match errno {
         0 => Ok(reply),
         -2 => Err(RelayError::NotOnline),
+        -3 => {
+            Err(RelayError::unavailable(Backend::Redis, "script started after its deadline; nothing changed"))
+        }
         1 => Err(Errno::GmExists.into()),
         2 => Err(Errno::NoSuchGm.into()),
         3 => Err(Errno::PlayerHasGm.into()),
@@ -300,6 +321,7 @@ impl RedisStore {
         for a in args {
             inv.arg(*a);
         }
+        inv.arg(crate::domain::event::now_ms() + SCRIPT_DEADLINE.as_millis() as i64);
         let reply: Vec<redis::Value> = inv.invoke_async(&mut self.conn.clone()).await.map_err(unavailable)?;
         check(reply)
     }

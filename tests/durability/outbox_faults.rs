@@ -1,0 +1,130 @@
+//! The outbox's fault points: a relay that dies between committing a friend change and
+//! publishing its event, or between publishing and removing the outbox entry, loses nothing
+//! and publishes nothing twice.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::*;
+use crate::support::app::{stored_events, StoredEvent, TestApp};
+use crate::support::wait_until_async;
+
+const HOST: i64 = 3;
+const UID: i64 = 1001;
+
+/// The outbox lease a dead drainer leaves behind lives this long.
+const OUTBOX_LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// The friend events stored for `HOST`.
+async fn friend_events(app: &TestApp) -> Vec<StoredEvent> {
+    let js = app.jetstream().await;
+    stored_events(&js, "GM_TO_HOST", &format!("gm.to.host.{HOST}"))
+        .await
+        .into_iter()
+        .filter(|e| e.body["type"] != "chat")
+        .collect()
+}
+
+async fn player_gm(app: &TestApp, uid: i64) -> Option<String> {
+    redis_query(app, &["HGET", &format!("gmr:player:{uid}"), "gm"]).await
+}
+
+/// Waits until the outbox is empty; returns how long that took.
+async fn wait_outbox_drained(app: &TestApp, deadline: Duration) -> Duration {
+    let started = Instant::now();
+    wait_until_async(deadline, "the outbox is drained", || async { outbox_len(app).await == 0 }).await;
+    started.elapsed()
+}
+
+/// After the restart: the relation poll shows the add once, the next poll nothing, and the
+/// stream holds exactly one friend_add.
+async fn assert_applied_once(app: &TestApp) {
+    assert_eq!(next_relation(app, HOST).await, (json!({"1001": ["7", "Alice"]}), json!([])));
+    assert_eq!(app.relation(HOST).await, no_changes(), "the apply came twice");
+    let events = friend_events(app).await;
+    assert_eq!(events.len(), 1, "stored friend events: {events:?}");
+    assert_eq!(events[0].body["type"], "friend_add");
+    assert_eq!(events[0].body["uid"], "1001");
+    assert_eq!(events[0].msg_id.as_deref(), events[0].body["id"].as_str());
+    assert_consumer_drained(app, "GM_TO_HOST", &format!("legacy_rel_{HOST}")).await;
+}
+
+#[tokio::test]
+async fn killed_before_publish_the_next_relay_publishes_at_start_up() {
+    let mut app = TestApp::servers_only(&[]);
+    app.start_process(&[("GM_RELAY_FAULTS", "outbox_before_publish")]).await;
+    app.create_gm(GM, GM_NAME).await;
+    // Committed: answers after the bounded flush wait although nothing was published.
+    app.add(GM, HOST, UID).await;
+    assert_eq!(app.relation(HOST).await, no_changes(), "nothing published yet");
+    assert!(friend_events(&app).await.is_empty());
+    assert_eq!(player_gm(&app, UID).await.as_deref(), Some("7"), "committed in Redis");
+    assert_eq!(outbox_len(&app).await, 1, "the event waits in the outbox");
+    app.wait_polls_settled(DEADLINE).await;
+
+    app.kill_process();
+    assert_eq!(outbox_len(&app).await, 1);
+    app.start_process(&[]).await;
+    let took = wait_outbox_drained(&app, OUTBOX_LEASE_TTL + Duration::from_secs(3)).await;
+    eprintln!("outbox drained {took:?} after the restart");
+    assert_applied_once(&app).await;
+    // The friendship is the one committed before the kill.
+    let r = app.gm(&format!("action=add&gm_account={GM}&host={HOST}&uid={UID}")).await;
+    assert_eq!(r.errno(), Some(3), "{}", r.text());
+}
+
+#[tokio::test]
+async fn killed_after_publish_the_republish_is_deduplicated() {
+    let mut app = TestApp::servers_only(&[]);
+    app.start_process(&[("GM_RELAY_FAULTS", "outbox_after_publish")]).await;
+    app.create_gm(GM, GM_NAME).await;
+    app.add(GM, HOST, UID).await;
+    // Published and acknowledged, but still in the outbox.
+    let stored = friend_events(&app).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(outbox_len(&app).await, 1, "the entry is not removed yet");
+    let published: Option<u64> = redis_query(&app, &["GET", "gmr:outbox:published"]).await;
+    assert_eq!(published, None, "nothing recorded as published");
+
+    app.kill_process();
+    app.start_process(&[]).await;
+    wait_outbox_drained(&app, OUTBOX_LEASE_TTL + Duration::from_secs(3)).await;
+    let published: Option<u64> = redis_query(&app, &["GET", "gmr:outbox:published"]).await;
+    assert_eq!(published, Some(1), "the republish was acknowledged");
+    assert_applied_once(&app).await;
+    assert_eq!(
+        friend_events(&app).await[0].body["id"],
+        stored[0].body["id"],
+        "the stored event is the first publish"
+    );
+}
+
+#[tokio::test]
+async fn request_parked_after_commit_then_restart_keeps_the_friendship_and_its_event() {
+    let mut app = TestApp::spawn_with(&[("GM_RELAY_SHUTDOWN_TIMEOUT_S", "1")]).await;
+    app.create_gm(GM, GM_NAME).await;
+    app.relay().faults.arm("add_after_commit");
+    let url = format!("{}/gm?action=add&gm_account={GM}&host={HOST}&uid={UID}", app.base_url());
+    // The request never answers: the task serving it is parked for good.
+    let pending =
+        tokio::spawn(
+            async move { reqwest::Client::new().get(url).timeout(Duration::from_secs(10)).send().await },
+        );
+    let relay = app.relay();
+    wait_until_async(DEADLINE, "the add reaches add_after_commit", || {
+        let relay = relay.clone();
+        async move { relay.faults.hits().contains(&"add_after_commit") }
+    })
+    .await;
+    drop(relay);
+    assert_eq!(player_gm(&app, UID).await.as_deref(), Some("7"), "committed");
+
+    app.stop().await;
+    pending.abort();
+    app.start().await;
+    let r = app.gm(&format!("action=add&gm_account={GM}&host={HOST}&uid={UID}")).await;
+    assert_eq!(r.errno(), Some(3), "the friendship survived: {}", r.text());
+    wait_outbox_drained(&app, OUTBOX_LEASE_TTL + Duration::from_secs(3)).await;
+    assert_applied_once(&app).await;
+}
