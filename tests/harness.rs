@@ -18,10 +18,7 @@ async fn redis_ping(url: &str) -> bool {
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
         return false;
     };
-    redis::cmd("PING")
-        .query_async::<String>(&mut conn)
-        .await
-        .is_ok_and(|pong| pong == "PONG")
+    redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok_and(|pong| pong == "PONG")
 }
 
 #[tokio::test]
@@ -30,28 +27,14 @@ async fn both_servers_answer() {
     let redis = RedisServer::start();
     assert!(nats.is_running() && redis.is_running());
 
-    let client = async_nats::connect(nats.url())
-        .await
-        .expect("connect to NATS");
+    let client = async_nats::connect(nats.url()).await.expect("connect to NATS");
     let js = jetstream::new(client);
     js.query_account().await.expect("JetStream is enabled");
 
     let client = redis::Client::open(redis.url()).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to Redis");
-    let () = redis::cmd("SET")
-        .arg("harness")
-        .arg("ok")
-        .query_async(&mut conn)
-        .await
-        .expect("SET");
-    let got: String = redis::cmd("GET")
-        .arg("harness")
-        .query_async(&mut conn)
-        .await
-        .expect("GET");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect to Redis");
+    let () = redis::cmd("SET").arg("harness").arg("ok").query_async(&mut conn).await.expect("SET");
+    let got: String = redis::cmd("GET").arg("harness").query_async(&mut conn).await.expect("GET");
     assert_eq!(got, "ok");
 }
 
@@ -69,11 +52,7 @@ async fn restart_keeps_port_and_jetstream_data() {
         })
         .await
         .expect("create stream");
-        js.publish("harness.one", "kept".into())
-            .await
-            .expect("publish")
-            .await
-            .expect("PubAck");
+        js.publish("harness.one", "kept".into()).await.expect("publish").await.expect("PubAck");
     }
 
     nats.stop();
@@ -96,20 +75,14 @@ async fn restart_keeps_port_and_jetstream_data() {
     redis.restart();
     assert_eq!(redis.port(), port, "same port after restart");
     let url = redis.url();
-    wait_until_async(DEADLINE, "restarted Redis answers PING", || {
-        redis_ping(&url)
-    })
-    .await;
+    wait_until_async(DEADLINE, "restarted Redis answers PING", || redis_ping(&url)).await;
 }
 
 #[test]
 fn drop_kills_the_servers() {
     let nats = NatsServer::start();
     let redis = RedisServer::start();
-    let pids = [
-        nats.pid().expect("nats pid"),
-        redis.pid().expect("redis pid"),
-    ];
+    let pids = [nats.pid().expect("nats pid"), redis.pid().expect("redis pid")];
     for pid in pids {
         assert!(Path::new(&format!("/proc/{pid}")).exists());
     }
@@ -117,10 +90,7 @@ fn drop_kills_the_servers() {
     drop(redis);
     // Drop kills and reaps the child, so not even a zombie is left.
     for pid in pids {
-        assert!(
-            !Path::new(&format!("/proc/{pid}")).exists(),
-            "process {pid} outlived its server handle"
-        );
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "process {pid} outlived its server handle");
     }
 }
 
@@ -139,9 +109,5 @@ async fn config_is_applied_and_port_still_free() {
     let nats = NatsServer::start_with_config("max_payload: 4KB\n");
     let client = async_nats::connect(nats.url()).await.expect("connect");
     assert_eq!(client.server_info().max_payload, 4096);
-    assert_ne!(
-        nats.port(),
-        4222,
-        "the harness must not take the default port"
-    );
+    assert_ne!(nats.port(), 4222, "the harness must not take the default port");
 }

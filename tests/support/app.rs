@@ -214,6 +214,25 @@ impl TestApp {
         child.wait().expect("reap the relay");
     }
 
+    /// SIGTERM to the relay process; waits (bounded) for it to exit and returns its status.
+    pub fn terminate_process(&mut self, within: Duration) -> std::process::ExitStatus {
+        let (mut child, _) = self.process.take().expect("a relay process is running");
+        let sent = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("poll the relay") {
+                return status;
+            }
+            if started.elapsed() > within {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the relay did not exit within {within:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn addr(&self) -> SocketAddr {
         match (&self.running, &self.process) {
             (Some(r), _) => r.addr,

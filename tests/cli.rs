@@ -1,0 +1,92 @@
+//! The binary's edges: settings validation at start-up and graceful shutdown on SIGTERM.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use support::app::TestApp;
+
+fn serve_with(env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gm-relay"));
+    cmd.arg("serve").env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("gm-relay runs")
+}
+
+#[test]
+fn an_invalid_setting_exits_2_naming_it_on_one_line() {
+    for (key, value) in [
+        ("GM_RELAY_LISTEN", "not-an-address"),
+        ("GM_RELAY_NATS_URL", "http://wrong-scheme"),
+        ("GM_RELAY_GM_ALLOW", "10.0.0.0/40"),
+        ("GM_RELAY_RETENTION_MAX_AGE", "forever"),
+        ("GM_RELAY_NATS_NKEY_FILE", "/nonexistent/relay.nk"),
+    ] {
+        let out = serve_with(&[(key, value)]);
+        assert_eq!(out.status.code(), Some(2), "{key}={value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(key), "names {key}: {stderr}");
+    }
+}
+
+#[test]
+fn a_config_file_sets_keys_and_the_environment_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.conf");
+    std::fs::write(&file, "# comment\nGM_RELAY_LISTEN=bad-from-file\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gm-relay"))
+        .args(["serve", "--config", file.to_str().unwrap()])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("GM_RELAY_LISTEN"));
+
+    // The environment wins over the file: the file's bad LISTEN is replaced, so the next
+    // bad setting is the one reported.
+    let out = Command::new(env!("CARGO_BIN_EXE_gm-relay"))
+        .args(["serve", "--config", file.to_str().unwrap()])
+        .env_clear()
+        .env("GM_RELAY_LISTEN", "127.0.0.1:0")
+        .env("GM_RELAY_NATS_URL", "bogus")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("GM_RELAY_NATS_URL") && !stderr.contains("GM_RELAY_LISTEN"), "{stderr}");
+
+    std::fs::write(&file, "GM_RELAY_LISTEN=127.0.0.1:1\nGM_RELAY_UNKNOWN=1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gm-relay"))
+        .args(["serve", "--config", file.to_str().unwrap()])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("GM_RELAY_UNKNOWN"), "unknown keys are refused");
+}
+
+#[test]
+fn unknown_commands_print_usage() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gm-relay")).arg("nope").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage: gm-relay serve"));
+}
+
+#[tokio::test]
+async fn sigterm_stops_gracefully_and_publishes_what_was_committed() {
+    let mut app = TestApp::servers_only(&[]);
+    app.start_process(&[]).await;
+    app.create_gm(7, "Alice").await;
+    app.add(7, 3, 1001).await;
+    let status = app.terminate_process(Duration::from_secs(15));
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+
+    // Nothing was lost across the stop: a new relay serves the friend event.
+    app.start_process(&[]).await;
+    assert_eq!(app.relation(3).await.0, json!({"1001": ["7", "Alice"]}));
+}
