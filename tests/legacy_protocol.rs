@@ -1680,3 +1680,54 @@ async fn repeated_keys_first_value_wins() {
     assert_ok(&app.gm("action=online&action=nope&gm_account=7").await);
     assert_errno(&app.gs("action=send&uid=5&msg=&msg=aGk=").await, 6);
 }
+
+mod rate_limits {
+    use super::*;
+
+    #[tokio::test]
+    async fn gm_and_player_sends_are_rate_limited_with_errno_8() {
+        let app =
+            TestApp::spawn_with(&[("GM_RELAY_RATE_GM_PER_S", "3"), ("GM_RELAY_RATE_PLAYER_PER_S", "2")])
+                .await;
+        app.create_gm(7, "Alice").await;
+        app.add(7, 3, 1001).await;
+        let mut gm = Vec::new();
+        for i in 0..5 {
+            gm.push(app.gm_send(7, 1001, &format!("m{i}")).await.errno());
+        }
+        assert_eq!(&gm[..3], &[None, None, None], "a burst up to the rate passes");
+        assert!(gm[3..].iter().all(|e| *e == Some(8)), "{gm:?}");
+        let mut player = Vec::new();
+        for i in 0..4 {
+            player.push(app.gs_send(1001, &format!("p{i}")).await.errno());
+        }
+        assert_eq!(&player[..2], &[None, None]);
+        assert!(player[2..].iter().all(|e| *e == Some(8)), "{player:?}");
+        // A refused send is not delivered: only the three accepted ones arrive.
+        let received: Vec<String> = app.gs_receive(3).await.into_iter().flat_map(|(_, m)| m).collect();
+        assert_eq!(received, vec!["m0", "m1", "m2"]);
+        let metrics = app.get("/metrics").await.text();
+        assert!(metrics.contains("gm_relay_rate_limited_total{limit=\"gm\"} 2"), "{metrics}");
+        assert!(metrics.contains("gm_relay_rate_limited_total{limit=\"gs\"} 2"), "{metrics}");
+    }
+
+    #[tokio::test]
+    async fn requests_per_ip_are_rate_limited_and_zero_turns_a_limit_off() {
+        let app = TestApp::spawn_with(&[("GM_RELAY_RATE_IP_PER_S", "5")]).await;
+        let mut errnos = Vec::new();
+        for _ in 0..8 {
+            errnos.push(app.gs("action=online&host=3").await.errno());
+        }
+        assert_eq!(&errnos[..5], &[None; 5]);
+        assert!(errnos[5..].iter().all(|e| *e == Some(8)), "{errnos:?}");
+        assert!(app.get("/metrics").await.text().contains("gm_relay_rate_limited_total{limit=\"ip\"} 3"));
+
+        // TestApp::spawn turns every limit off (0).
+        let unlimited = TestApp::spawn().await;
+        unlimited.create_gm(7, "Alice").await;
+        unlimited.add(7, 3, 1001).await;
+        for i in 0..30 {
+            assert_eq!(unlimited.gm_send(7, 1001, &format!("m{i}")).await.errno(), None);
+        }
+    }
+}

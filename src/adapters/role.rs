@@ -46,8 +46,12 @@ impl RoleService for RoleClient {
             return Err(RoleUnavailable("reply too large".into()));
         }
         let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| unavailable(&e))?;
-        // The original: not a dict, or `code` != 1 → the player does not exist.
-        let exists = value.as_object().and_then(|o| o.get("code")).is_some_and(|c| c == 1);
+        // The original: not a dict, or `code` != 1 → the player does not exist. Python's
+        // `!= 1` holds for 1.0 and True too.
+        let exists = value
+            .as_object()
+            .and_then(|o| o.get("code"))
+            .is_some_and(|c| c.as_f64() == Some(1.0) || c.as_bool() == Some(true));
         Ok(if exists { RoleVerdict::Exists } else { RoleVerdict::Unknown })
     }
 }

@@ -127,6 +127,9 @@ async fn handle(state: AppState, side: Side, peer: IpAddr, headers: &HeaderMap, 
         Err(e) => format!("errno_{}", e.errno().map(Errno::code).unwrap_or(0)),
     };
     state.metrics.requests.with_label_values(&[side.label(), &action, &result]).inc();
+    if matches!(&outcome, Err(RelayError::Rejected(Errno::RateLimited))) {
+        state.metrics.rate_limited.with_label_values(&[side.label()]).inc();
+    }
     match outcome {
         Ok(Reply::Json(body)) => html(StatusCode::OK, body),
         Ok(Reply::Poll(body)) => {

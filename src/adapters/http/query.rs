@@ -19,10 +19,11 @@
 
 /// Pairs kept from one query string.
 ///
-/// The widest legacy action (`add`, or `send` on the GM side) takes 4 parameters counting
-/// `action`, so a legitimate query never comes close; anything beyond this is junk, and
-/// ignoring it bounds the work and memory one request can cost.
-pub const MAX_QUERY_PAIRS: usize = 64;
+/// The HTTP adapter refuses queries over 12 KiB, which cannot hold more than ~6,000 pairs,
+/// so within that limit every pair is kept, as the original kept them (a request may carry
+/// junk parameters before `action`). The bound only matters to other callers: past it,
+/// pieces are ignored, which bounds the work and memory one query can cost.
+pub const MAX_QUERY_PAIRS: usize = 8192;
 
 /// A decoded legacy query string.
 ///
@@ -49,12 +50,15 @@ impl LegacyQuery {
             if pairs.len() == MAX_QUERY_PAIRS {
                 break;
             }
-            // Python's parse_qsl drops a piece without `=`; nothing the clients send
-            // relies on a bare flag.
-            let Some(eq) = piece.iter().position(|&b| b == b'=') else {
+            // The original kept blank values (it saw an empty `msg`), and then Python's
+            // parse_qsl reads a bare `key` as `key=`; an empty piece is skipped.
+            if piece.is_empty() {
                 continue;
+            }
+            let (key, value) = match piece.iter().position(|&b| b == b'=') {
+                Some(eq) => (&piece[..eq], &piece[eq + 1..]),
+                None => (piece, &[][..]),
             };
-            let (key, value) = (&piece[..eq], &piece[eq + 1..]);
             // No parameter has an empty name, so such a pair can only be junk.
             if key.is_empty() {
                 continue;
@@ -224,17 +228,17 @@ mod tests {
     }
 
     #[test]
-    fn piece_without_equals_is_ignored() {
+    fn piece_without_equals_is_a_blank_value() {
         let query = q("action=create&gm_account&gm_name=x");
-        assert_eq!(query.get("gm_account"), None);
+        assert_eq!(query.get("gm_account"), Some(&b""[..]));
         assert_eq!(query.get("action"), Some(&b"create"[..]));
         assert_eq!(query.get("gm_name"), Some(&b"x"[..]));
     }
 
     #[test]
-    fn bare_key_does_not_hide_a_later_value() {
+    fn bare_key_is_the_first_value() {
         let query = q("uid&uid=5");
-        assert_eq!(query.get("uid"), Some(&b"5"[..]));
+        assert_eq!(query.get("uid"), Some(&b""[..]));
     }
 
     #[test]
@@ -369,7 +373,7 @@ mod tests {
 
     #[test]
     fn ignored_pieces_do_not_count_toward_the_bound() {
-        let mut raw = "junk&=x&".repeat(MAX_QUERY_PAIRS);
+        let mut raw = "&=x&".repeat(MAX_QUERY_PAIRS);
         raw.push_str("action=send");
         let query = q(&raw);
         assert_eq!(query.get("action"), Some(&b"send"[..]));
