@@ -70,6 +70,14 @@ pub mod names {
 /// A publish not acknowledged within this is reported as NATS unavailable (errno 10).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// One attempt of a publish; a PubAck normally takes ~0.1 ms, so an attempt this slow was
+/// lost and is retried (same message id) while [`PUBLISH_TIMEOUT`] allows.
+const PUBLISH_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(600);
+
+/// Pause before retrying a failed publish attempt (e.g. "no responders" during a stream
+/// leader election).
+const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
 /// Bound on a fetch (request to last message); no-wait fetches return at once normally.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -244,12 +252,29 @@ impl EventBus for JetStreamBus {
 
     async fn publish(&self, route: Route, event: &Envelope) -> Result<(), RelayError> {
         let started = Instant::now();
-        let acked = tokio::time::timeout(PUBLISH_TIMEOUT, async {
-            let ack = self.send(route, event).await?;
-            ack.await.map_err(unavailable)
-        })
-        .await
-        .map_err(unavailable)??;
+        let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
+        // A lost publish or ack (a stream leader change, a dropped packet) is retried with
+        // the same Nats-Msg-Id, so the stream stores the message once however many
+        // attempts reach it.
+        let acked = loop {
+            let attempt = tokio::time::timeout(PUBLISH_ATTEMPT_TIMEOUT, async {
+                let ack = self.send(route, event).await?;
+                ack.await.map_err(unavailable)
+            });
+            let error = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Ok(Ok(ack))) => break ack,
+                Ok(Ok(Err(e))) => e,
+                Ok(Err(elapsed)) => unavailable(elapsed),
+                Err(elapsed) => return Err(unavailable(elapsed)),
+            };
+            if self.ensure_connected().is_err()
+                || tokio::time::Instant::now() + PUBLISH_RETRY_PAUSE >= deadline
+            {
+                return Err(error);
+            }
+            tracing::debug!(id = %event.id, error = %error, "publish not acknowledged; retrying with the same id");
+            tokio::time::sleep(PUBLISH_RETRY_PAUSE).await;
+        };
         if acked.duplicate {
             tracing::debug!(id = %event.id, "publish was a duplicate; already stored");
         }
