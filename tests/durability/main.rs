@@ -11,7 +11,12 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+#[allow(dead_code)]
+#[path = "../../examples/game_server.rs"]
+mod game_server;
+
 mod common;
+mod crash_under_load;
 mod envelopes;
 mod gs_list;
 mod outages;
