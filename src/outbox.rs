@@ -82,6 +82,13 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             let seqs: Vec<u64> = items.iter().map(|i| i.seq).collect();
             let batch: Vec<(Route, Envelope)> =
                 items.into_iter().map(|i| (Route::ToHost(i.event.host), i.event)).collect();
+            // The add that committed these events created its host's native consumer; if
+            // that failed (NATS was down), this is the next chance, before the first event.
+            let mut hosts: Vec<_> = batch.iter().map(|(_, e)| e.host).collect();
+            hosts.dedup();
+            for host in hosts {
+                self.bus.ensure_host_consumer(host).await?;
+            }
             crate::fault_point!(self, "outbox_before_publish");
             let (acked, error) = self.bus.publish_ordered(&batch).await;
             crate::fault_point!(self, "outbox_after_publish");
