@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::domain::ports::{EventBus, FriendStore, LeaseToken, RoleService, Route};
-use crate::domain::{Envelope, RelayError};
+use crate::domain::{Envelope, EventKind, RelayError};
 use crate::relay::Relay;
 
 /// Name of the store lease that makes one relay the drainer.
@@ -82,12 +82,19 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             let seqs: Vec<u64> = items.iter().map(|i| i.seq).collect();
             let batch: Vec<(Route, Envelope)> =
                 items.into_iter().map(|i| (Route::ToHost(i.event.host), i.event)).collect();
-            // The add that committed these events created its host's native consumer; if
-            // that failed (NATS was down), this is the next chance, before the first event.
-            let mut hosts: Vec<_> = batch.iter().map(|(_, e)| e.host).collect();
+            // The add that committed a friend_add created its host's native consumer; if
+            // that failed (NATS was down), this is the next chance. Only friend_add: every
+            // other event of a host comes after one. A failure is logged, not fatal: the
+            // consumer delivers from the start of the stream whenever it is created, and one
+            // host must not hold up every other host's events.
+            let mut hosts: Vec<_> =
+                batch.iter().filter(|(_, e)| e.kind == EventKind::FriendAdd).map(|(_, e)| e.host).collect();
+            hosts.sort();
             hosts.dedup();
             for host in hosts {
-                self.bus.ensure_host_consumer(host).await?;
+                if let Err(e) = self.bus.ensure_host_consumer(host).await {
+                    tracing::warn!(%host, error = %e, "could not create the host's native consumer; publishing anyway");
+                }
             }
             crate::fault_point!(self, "outbox_before_publish");
             let (acked, error) = self.bus.publish_ordered(&batch).await;
