@@ -1,0 +1,69 @@
+//! The ops dashboard's API: the figures as JSON, and the same as server-sent events
+//! pushed when they change. Pages only read the shared snapshot, so the cost in JetStream
+//! API calls is the refresher's, whatever the number of open dashboards.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::gm::{feed_response, FEED_KEEP_ALIVE, FEED_RETRY};
+use super::{ApiError, SupervisorSession};
+use crate::console::monitor::REFRESH_PERIOD;
+use crate::console::Console;
+
+pub async fn snapshot(
+    State(console): State<Arc<Console>>,
+    SupervisorSession(_): SupervisorSession,
+) -> Response {
+    console.monitor().watch();
+    Json(&*console.monitor().snapshot()).into_response()
+}
+
+/// The figures, once now and again at each change, until the page goes away or the relay
+/// shuts down. While open it keeps the refresher going.
+pub async fn live(
+    State(console): State<Arc<Console>>,
+    SupervisorSession(_): SupervisorSession,
+) -> Result<Response, ApiError> {
+    let slot = console
+        .live_feed_slot()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many live feeds; retrying"))?;
+    console.monitor().watch();
+    let figures = console.monitor().subscribe();
+    let closing = console.closing();
+    let state = (console, figures, closing, slot, true);
+    let events =
+        futures::stream::unfold(state, |(console, mut figures, mut closing, slot, first)| async move {
+            if !first {
+                let mut keep_watching = tokio::time::interval(REFRESH_PERIOD);
+                loop {
+                    tokio::select! {
+                        changed = figures.changed() => {
+                            if changed.is_err() {
+                                return None;
+                            }
+                            break;
+                        }
+                        _ = keep_watching.tick() => console.monitor().watch(),
+                        _ = closing.changed() => return None,
+                    }
+                }
+            }
+            if *closing.borrow() {
+                return None;
+            }
+            let snapshot = figures.borrow_and_update().clone();
+            let data = serde_json::to_string(&*snapshot).unwrap_or_else(|_| "{}".into());
+            let mut event = Event::default().event("figures").data(data);
+            if first {
+                event = event.retry(FEED_RETRY);
+            }
+            Some((Ok::<_, Infallible>(event), (console, figures, closing, slot, false)))
+        });
+    Ok(feed_response(Sse::new(events).keep_alive(KeepAlive::new().interval(FEED_KEEP_ALIVE))))
+}
