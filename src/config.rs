@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::domain::session::SessionKey;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -29,10 +31,13 @@ pub struct Config {
     pub retention_max_age: Duration,
     pub retention_max_bytes: i64,
     pub stream_replicas: usize,
+    /// Replicas of the consumers the relay creates; 0 = as many as their stream.
+    pub consumer_replicas: usize,
     pub rate_gm_per_s: u32,
     pub rate_player_per_s: u32,
     pub rate_ip_per_s: u32,
-    pub session_key: Option<String>,
+    /// Console session signing key; the console is on exactly when it is set.
+    pub session_key: Option<SessionKey>,
     pub log_format: LogFormat,
     pub shutdown_timeout: Duration,
 }
@@ -73,10 +78,11 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("GM_RELAY_RETENTION_MAX_AGE", "7d", "how long a stream keeps a message"),
     ("GM_RELAY_RETENTION_MAX_BYTES", "10GiB", "size bound of each stream"),
     ("GM_RELAY_STREAM_REPLICAS", "1", "stream replicas (3 on a cluster)"),
+    ("GM_RELAY_CONSUMER_REPLICAS", "", "consumer replicas, at most the streams'; empty = as the streams"),
     ("GM_RELAY_RATE_GM_PER_S", "10", "GM sends per second per GM; 0 = off"),
     ("GM_RELAY_RATE_PLAYER_PER_S", "5", "player sends per second per player; 0 = off"),
     ("GM_RELAY_RATE_IP_PER_S", "2000", "requests per second per client IP; 0 = off"),
-    ("GM_RELAY_SESSION_KEY", "", "console session signing key (required when the console is on)"),
+    ("GM_RELAY_SESSION_KEY", "", "console session signing key, at least 32 bytes; set = console on"),
     ("GM_RELAY_LOG_FORMAT", "json", "json or pretty"),
     ("GM_RELAY_SHUTDOWN_TIMEOUT_S", "10", "bound on graceful shutdown, seconds"),
 ];
@@ -141,10 +147,21 @@ impl Config {
                 "5" => 5,
                 _ => return Err(invalid("GM_RELAY_STREAM_REPLICAS", "expected 1, 3 or 5")),
             },
+            consumer_replicas: match opt("GM_RELAY_CONSUMER_REPLICAS").as_deref().map(str::trim) {
+                None => 0,
+                Some("1") => 1,
+                Some("3") => 3,
+                Some("5") => 5,
+                Some(_) => return Err(invalid("GM_RELAY_CONSUMER_REPLICAS", "expected 1, 3 or 5")),
+            },
             rate_gm_per_s: rate("GM_RELAY_RATE_GM_PER_S", &get("GM_RELAY_RATE_GM_PER_S"))?,
             rate_player_per_s: rate("GM_RELAY_RATE_PLAYER_PER_S", &get("GM_RELAY_RATE_PLAYER_PER_S"))?,
             rate_ip_per_s: rate("GM_RELAY_RATE_IP_PER_S", &get("GM_RELAY_RATE_IP_PER_S"))?,
-            session_key: opt("GM_RELAY_SESSION_KEY"),
+            session_key: opt("GM_RELAY_SESSION_KEY")
+                .map(|k| {
+                    SessionKey::new(k.as_bytes()).map_err(|e| invalid("GM_RELAY_SESSION_KEY", e.to_string()))
+                })
+                .transpose()?,
             log_format: match get("GM_RELAY_LOG_FORMAT").trim() {
                 "json" => LogFormat::Json,
                 "pretty" => LogFormat::Pretty,
@@ -155,6 +172,9 @@ impl Config {
                 &get("GM_RELAY_SHUTDOWN_TIMEOUT_S"),
             )?),
         };
+        if config.consumer_replicas > config.stream_replicas {
+            return Err(invalid("GM_RELAY_CONSUMER_REPLICAS", "must not exceed GM_RELAY_STREAM_REPLICAS"));
+        }
         if config.gm_path == config.gs_path {
             return Err(invalid("GM_RELAY_GS_PATH", "must differ from GM_RELAY_GM_PATH"));
         }
@@ -201,7 +221,14 @@ fn url_like(key: &str, v: String, schemes: &[&str]) -> Result<String, ConfigErro
 
 fn path(key: &str, v: String) -> Result<String, ConfigError> {
     let reserved = ["/healthz", "/readyz", "/metrics"];
-    if !v.starts_with('/') || v.len() < 2 || v.contains(['?', '#', ' ']) || reserved.contains(&v.as_str()) {
+    // The console owns everything under /console.
+    let console = v == "/console" || v.starts_with("/console/");
+    if !v.starts_with('/')
+        || v.len() < 2
+        || v.contains(['?', '#', ' '])
+        || reserved.contains(&v.as_str())
+        || console
+    {
         return Err(invalid(key, "expected a path like /gm"));
     }
     Ok(v)
@@ -286,10 +313,23 @@ mod tests {
             ("GM_RELAY_ROLE_TIMEOUT_MS", "0"),
             ("GM_RELAY_RATE_GM_PER_S", "-3"),
             ("GM_RELAY_GM_PATH", "gm"),
+            ("GM_RELAY_GS_PATH", "/console/x"),
+            ("GM_RELAY_SESSION_KEY", "too-short"),
         ] {
             let e = with(&[(k, v)]).unwrap_err();
             assert_eq!(e.key, k, "{e}");
             assert!(e.to_string().starts_with(&format!("invalid setting {k}: ")));
+        }
+    }
+
+    #[test]
+    fn consumer_replicas_default_to_the_streams_and_never_exceed_them() {
+        assert_eq!(with(&[]).unwrap().consumer_replicas, 0);
+        let c = with(&[("GM_RELAY_STREAM_REPLICAS", "3"), ("GM_RELAY_CONSUMER_REPLICAS", "1")]).unwrap();
+        assert_eq!((c.stream_replicas, c.consumer_replicas), (3, 1));
+        for bad in ["3", "2"] {
+            let e = with(&[("GM_RELAY_CONSUMER_REPLICAS", bad)]).unwrap_err();
+            assert_eq!(e.key, "GM_RELAY_CONSUMER_REPLICAS", "{e}");
         }
     }
 

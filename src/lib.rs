@@ -8,7 +8,9 @@
 //! - [`relay`]: the use cases, written against the ports.
 //! - [`outbox`]: publishes committed friend events in order, exactly once per id.
 //! - [`adapters`]: HTTP (axum), NATS, Redis and role-service implementations.
+//! - [`console`]: the GM web console and ops dashboard (accounts, views, figures).
 //! - [`startup`]: wiring and graceful shutdown; [`config`]: the typed settings.
+//! - [`migrate`]: `gm-relay import-legacy`, moving the original system's Redis data over.
 
 /// Parks the current task at `$name` when armed on `$relay.faults`; compiled out otherwise.
 #[macro_export]
@@ -22,10 +24,12 @@ macro_rules! fault_point {
 
 pub mod adapters;
 pub mod config;
+pub mod console;
 pub mod domain;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
 pub mod metrics;
+pub mod migrate;
 pub mod nats_auth;
 pub mod outbox;
 pub mod relay;

@@ -1,4 +1,6 @@
-//! The `gm-relay` binary: `gm-relay serve [--config <file>]`.
+//! The `gm-relay` binary: `gm-relay serve [--config <file>]`, `gm-relay nats-auth ...`,
+//! `gm-relay gm set-password ...`, `gm-relay import-legacy --from <redis url> [--dry-run]`,
+//! `gm-relay replay --host <n> ...`.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -8,12 +10,24 @@ use gm_relay::config::Config;
 use gm_relay::startup::Application;
 
 const USAGE: &str = "usage: gm-relay serve [--config <file>]
-       gm-relay nats-auth --hosts <ids and ranges, e.g. 1-100,205> --out <auth.conf> --keys-dir <dir>";
+       gm-relay nats-auth --hosts <ids and ranges, e.g. 1-100,205> --out <auth.conf> --keys-dir <dir>
+       gm-relay gm set-password <gm_account> [--supervisor] [--config <file>]   (password on stdin)
+       gm-relay import-legacy --from <redis://original> [--dry-run] [--config <file>]
+       gm-relay replay --host <n> (--from-seq <stream seq> | --since <90s, 30m, 2h, 1d>) [--feed native|chat|relation] [--config <file>]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("nats-auth") {
         return nats_auth(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("replay") {
+        return replay(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("import-legacy") {
+        return import_legacy(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("gm") {
+        return ExitCode::from(gm_relay::console::cli::run(&args[1..], &mut std::io::stdin()));
     }
     let config_path = match args.as_slice() {
         [cmd] if cmd == "serve" => None,
@@ -112,5 +126,144 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+/// `gm-relay import-legacy --from <url> [--dry-run] [--config <file>]`: the relay's own
+/// settings (env / config file, as for `serve`) name the target Redis and NATS.
+fn import_legacy(args: &[String]) -> ExitCode {
+    let (mut from, mut dry_run, mut config_path) = (None, false, None);
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match (arg.as_str(), rest.clone().next()) {
+            ("--dry-run", _) => dry_run = true,
+            ("--from", Some(url)) => from = rest.next().cloned().filter(|_| !url.is_empty()),
+            ("--config", Some(_)) => config_path = rest.next().cloned(),
+            _ => {
+                eprintln!("{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(from) = from else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let config = match Config::load(config_path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    gm_relay::telemetry::init(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_import(&from, dry_run, &config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gm-relay import-legacy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_import(from: &str, dry_run: bool, config: &Config) -> anyhow::Result<()> {
+    use gm_relay::migrate;
+    migrate::check_source(from, config)?;
+    let data = migrate::read_source(from).await?;
+    let plan = migrate::plan(&data, migrate::import_ts());
+    println!("source {from}: {plan}");
+    if dry_run {
+        let target =
+            async { migrate::already_imported(&plan, &migrate::connect_target(config).await?).await };
+        match target.await {
+            Ok(a) => println!(
+                "dry run: would import {} GMs, {} players and {} queued messages into {}; \
+                 already imported by an earlier run: {} GMs, {} players, {} messages. Nothing was written.",
+                plan.gms.len(),
+                plan.players.len(),
+                plan.messages(),
+                config.redis_url,
+                a.gms,
+                a.players,
+                a.messages
+            ),
+            Err(e) => println!("dry run: nothing was written; cannot tell what is already imported: {e}"),
+        }
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(plan.items());
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} items, {elapsed} ({eta} left)")
+    {
+        bar.set_style(style);
+    }
+    let report = migrate::execute(&plan, config, &|n| bar.inc(n)).await.context("import failed");
+    bar.finish_and_clear();
+    println!("{}", report?);
+    Ok(())
+}
+
+/// `gm-relay replay --host <n> (--from-seq <seq> | --since <age>) [--feed ..] [--config ..]`:
+/// moves one of the host's consumers back so its events are delivered again.
+fn replay(args: &[String]) -> ExitCode {
+    use gm_relay::adapters::nats::replay::{ReplayFeed, ReplayFrom};
+    let (mut host, mut from, mut feed, mut config_path) = (None, None, Some(ReplayFeed::Native), None);
+    for pair in args.chunks(2) {
+        match pair {
+            [k, v] if k == "--host" => host = gm_relay::domain::HostId::parse(v.as_bytes()),
+            [k, v] if k == "--from-seq" => from = v.parse().ok().filter(|s| *s > 0).map(ReplayFrom::Sequence),
+            [k, v] if k == "--since" => from = gm_relay::config::parse_duration(v).map(ReplayFrom::Since),
+            [k, v] if k == "--feed" => feed = ReplayFeed::parse(v),
+            [k, v] if k == "--config" => config_path = Some(v.clone()),
+            _ => host = None,
+        }
+    }
+    let (Some(host), Some(from), Some(feed)) = (host, from, feed) else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let config = match Config::load(config_path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let run = async {
+        let client = gm_relay::adapters::nats::connect(
+            &config.nats_url,
+            config.nats_nkey_seed.as_deref(),
+            "gm-relay-replay",
+        )
+        .await
+        .context("cannot connect to NATS")?;
+        let replayed = gm_relay::adapters::nats::replay::replay(&client, host, feed, from).await?;
+        anyhow::Ok(replayed)
+    };
+    let outcome = tokio::runtime::Runtime::new()
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(run));
+    match outcome {
+        Ok(r) => {
+            match r.from_seq {
+                Some(seq) => println!(
+                    "{}: delivering again from stream sequence {seq} ({} events pending)",
+                    r.consumer, r.pending
+                ),
+                None => println!("{}: host {host} has no event in that range; nothing changed", r.consumer),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gm-relay replay: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -17,6 +17,12 @@ pub struct Metrics {
     pub outbox_depth: IntGauge,
     /// Requests refused with errno 8, by limit: `ip`, `gm` (GM sends), `gs` (player sends).
     pub rate_limited: IntCounterVec,
+    /// Publish attempts that got no acknowledgement in time and were sent again with the
+    /// same `Nats-Msg-Id` (a stream leader change, a lost packet), by route.
+    pub publish_retries: IntCounterVec,
+    /// Acknowledgements saying the stream already held that `Nats-Msg-Id` (a retry or an
+    /// outbox republish whose first copy was stored), by route: dropped, not stored twice.
+    pub publish_duplicates: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -52,16 +58,37 @@ impl Metrics {
             &["limit"],
         )
         .expect("static metric definition");
+        let publish_retries = IntCounterVec::new(
+            Opts::new("publish_retries_total", "Publishes sent again with the same Nats-Msg-Id"),
+            &["route"],
+        )
+        .expect("static metric definition");
+        let publish_duplicates = IntCounterVec::new(
+            Opts::new("publish_duplicates_total", "Publishes the stream dropped as duplicates"),
+            &["route"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(publish_seconds.clone()),
             Box::new(poll_size.clone()),
             Box::new(outbox_depth.clone()),
             Box::new(rate_limited.clone()),
+            Box::new(publish_retries.clone()),
+            Box::new(publish_duplicates.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
-        Self { registry, requests, publish_seconds, poll_size, outbox_depth, rate_limited }
+        Self {
+            registry,
+            requests,
+            publish_seconds,
+            poll_size,
+            outbox_depth,
+            rate_limited,
+            publish_retries,
+            publish_duplicates,
+        }
     }
 
     /// The Prometheus text exposition.

@@ -80,6 +80,15 @@ pub struct Relay<S, B, R> {
 /// A chat poll's reply.
 pub type ChatReply = Vec<Conversation>;
 
+/// A GM's message the broker stored: its event id, the player's host and its sequence in
+/// the host's stream (the host has taken it once its consumer's ack floor reaches it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    pub id: String,
+    pub host: HostId,
+    pub seq: u64,
+}
+
 impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
     pub fn new(store: S, bus: B, roles: R, limits: ChatLimits) -> Self {
         Self {
@@ -153,7 +162,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
     }
 
     /// GM to player. Answers once the broker stored the message.
-    pub async fn gm_send(&self, gm: GmId, uid: Uid, msg: &[u8]) -> Result<String, RelayError> {
+    pub async fn gm_send(&self, gm: GmId, uid: Uid, msg: &[u8]) -> Result<Sent, RelayError> {
         let host = self.store.gm_chat_target(gm, uid).await?;
         let text = ChatText::from_base64(msg).ok_or(Errno::BadMsg)?;
         if !self.gm_rate.allow(&gm) {
@@ -161,8 +170,8 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         }
         self.bus.ensure_host_consumer(host).await?;
         let event = Envelope::chat(new_event_id(), host, uid, gm, text.as_str(), now_ms());
-        self.bus.publish(Route::ToHost(host), &event).await?;
-        Ok(event.id)
+        let seq = self.bus.publish_chat(Route::ToHost(host), &event).await?;
+        Ok(Sent { id: event.id, host, seq })
     }
 
     /// Player to GM, from a legacy game server. Answers once the broker stored the message.
@@ -173,7 +182,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             return Err(Errno::RateLimited.into());
         }
         let event = Envelope::chat(new_event_id(), link.host, uid, link.gm, text.as_str(), now_ms());
-        self.bus.publish(Route::ToGm(link.gm), &event).await?;
+        self.bus.publish_chat(Route::ToGm(link.gm), &event).await?;
         Ok(event.id)
     }
 
@@ -197,7 +206,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         // Keys are the host's own: prefix them so two hosts' keys never collide.
         let id = key.map(|k| format!("h{host}-{k}")).unwrap_or_else(new_event_id);
         let event = Envelope::chat(id, host, uid, link.gm, text.as_str(), now_ms());
-        self.bus.publish(Route::ToGm(link.gm), &event).await?;
+        self.bus.publish_chat(Route::ToGm(link.gm), &event).await?;
         Ok(event.id)
     }
 

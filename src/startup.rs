@@ -24,9 +24,6 @@ use crate::domain::RelayError;
 use crate::metrics::Metrics;
 use crate::relay::{ChatLimits, Relay};
 
-/// Bound on connecting to NATS at start-up.
-const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot connect to NATS at {url}: {source}")]
@@ -48,18 +45,12 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let options = match &config.nats_nkey_seed {
-            Some(seed) => async_nats::ConnectOptions::with_nkey(seed.clone()),
-            None => async_nats::ConnectOptions::new(),
-        };
-        let client = options
-            .name("gm-relay")
-            .connection_timeout(NATS_CONNECT_TIMEOUT)
-            .event_callback(|event| async move { tracing::info!(%event, "nats connection event") })
-            .connect(&config.nats_url)
-            .await
-            .map_err(|source| StartError::Nats { url: config.nats_url.clone(), source })?;
-        let bus = JetStreamBus::new(client, Arc::clone(&metrics));
+        let client =
+            crate::adapters::nats::connect(&config.nats_url, config.nats_nkey_seed.as_deref(), "gm-relay")
+                .await
+                .map_err(|source| StartError::Nats { url: config.nats_url.clone(), source })?;
+        let bus =
+            JetStreamBus::new(client, Arc::clone(&metrics)).with_consumer_replicas(config.consumer_replicas);
         let limits = StreamLimits {
             max_age: config.retention_max_age,
             max_bytes: config.retention_max_bytes,
@@ -87,7 +78,11 @@ impl Application {
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
         let ip_rate = Arc::new(RateLimiter::new(config.rate_ip_per_s));
-        Ok(Self { listener, state: AppState { relay, access, metrics, ip_rate }, config })
+        let console = config
+            .session_key
+            .clone()
+            .map(|key| crate::console::Console::start(Arc::clone(&relay), Arc::clone(&access), key));
+        Ok(Self { listener, state: AppState { relay, access, metrics, ip_rate, console }, config })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -128,7 +123,8 @@ impl Application {
             ))
         });
 
-        tracing::info!(addr = %listener.local_addr()?, gm_path = %config.gm_path, gs_path = %config.gs_path, "gm-relay serving");
+        tracing::info!(addr = %listener.local_addr()?, gm_path = %config.gm_path, gs_path = %config.gs_path, console = state.console.is_some(), "gm-relay serving");
+        let console = state.console.clone();
         let app = router(state, &config.gm_path, &config.gs_path);
         let (serve_stop_tx, serve_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(
@@ -140,6 +136,10 @@ impl Application {
         );
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing requests, draining the outbox");
+        if let Some(console) = &console {
+            // Live feeds never finish by themselves; ending them lets the server drain.
+            console.close();
+        }
         let _ = serve_stop_tx.send(());
         let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
         let server_result = match tokio::time::timeout_at(deadline, server).await {

@@ -6,6 +6,17 @@
 //! `host_<n>` ones: `legacy_chat_<n>` and `legacy_rel_<n>` filtered on `gm.to.host.<n>`, and
 //! `legacy_gm` over all of `GS_TO_GM` (no filter: a wildcard filter on a whole-stream
 //! consumer is several times slower on current servers).
+//!
+//! A third stream, `GM_HISTORY` (`gm.hist.<gm>.<uid>.<from>`), keeps a copy of every chat
+//! message per conversation for the console; see `nats/HISTORY.md` and [`console`].
+//!
+//! On a cluster, streams have `GM_RELAY_STREAM_REPLICAS` replicas and consumers
+//! `GM_RELAY_CONSUMER_REPLICAS` (default: as many as their stream). An R1 consumer is ~18x
+//! cheaper to create and has no Raft group of its own, but while the node that holds it is
+//! down, its feed stalls (nothing is lost; it resumes when the node returns); an R3
+//! consumer keeps serving through the loss of one node. Consumers keep their state on
+//! disk: a memory-storage consumer would forget its acks on a restart and deliver the
+//! whole retention window again.
 
 use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
@@ -22,6 +33,9 @@ use crate::domain::ports::{Delivery, EventBus, Feed, Route, Settle};
 use crate::domain::{Backend, Envelope, HostId, RelayError};
 use crate::metrics::Metrics;
 
+pub mod console;
+pub mod replay;
+
 pub mod names {
     //! Every subject, stream and consumer name, in one place.
     use crate::domain::ports::{Feed, Route};
@@ -32,6 +46,23 @@ pub mod names {
     pub const STREAM_TO_GM: &str = "GS_TO_GM";
     pub const SUBJECTS_TO_HOST: &str = "gm.to.host.*";
     pub const SUBJECTS_TO_GM: &str = "gs.to.gm.*";
+    /// Conversation history for the console: `gm.hist.<gm>.<uid>.<from>`, `from` being `gm`
+    /// or `player`. Its own subjects, so reading one conversation reads nothing else.
+    pub const STREAM_HISTORY: &str = "GM_HISTORY";
+    pub const SUBJECTS_HISTORY: &str = "gm.hist.*.*.*";
+
+    /// Who wrote a chat message: the last token of its history subject.
+    pub fn history_from(route: Route) -> &'static str {
+        match route {
+            Route::ToHost(_) => "gm",
+            Route::ToGm(_) => "player",
+        }
+    }
+
+    /// `gm.hist.<gm>.<uid>.<from>`; `from` may be `*` for both directions.
+    pub fn history_subject(gm: crate::domain::GmId, uid: crate::domain::Uid, from: &str) -> String {
+        format!("gm.hist.{gm}.{uid}.{from}")
+    }
 
     pub fn subject(route: Route) -> String {
         match route {
@@ -105,6 +136,35 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Cached consumer handles; past this the cache starts over (a lookup is one API call).
 const MAX_CACHED_CONSUMERS: usize = 50_000;
 
+/// Consumers allowed on each stream. nats-server 2.15 caps a stream that sets no limit at
+/// 1,000 consumers (`default_max_consumers`), and `GM_TO_HOST` holds up to three per host
+/// (`legacy_chat_<n>`, `legacy_rel_<n>`, `host_<n>`) plus ops tools': this leaves room for
+/// 10,000 hosts while a runaway creator still hits a wall.
+pub const MAX_CONSUMERS_PER_STREAM: i32 = 30_000;
+
+/// Bound on connecting to NATS at start-up (per attempt over the configured servers).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to NATS: `urls` is one URL or several separated by commas (the nodes of a
+/// cluster; the client also learns the others from the server and reconnects to any).
+pub async fn connect(
+    urls: &str,
+    nkey_seed: Option<&str>,
+    client_name: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let options = match nkey_seed {
+        Some(seed) => async_nats::ConnectOptions::with_nkey(seed.to_owned()),
+        None => async_nats::ConnectOptions::new(),
+    };
+    let servers: Vec<&str> = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+    options
+        .name(client_name)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .event_callback(|event| async move { tracing::info!(%event, "nats connection event") })
+        .connect(servers)
+        .await
+}
+
 /// Stream limits from the settings.
 #[derive(Debug, Clone)]
 pub struct StreamLimits {
@@ -119,6 +179,8 @@ pub struct JetStreamBus {
     consumers: Mutex<HashMap<Feed, PullConsumer>>,
     /// Hosts whose native consumer is known to exist.
     host_consumers: Mutex<HashSet<HostId>>,
+    /// Replicas of the consumers this bus creates; 0 = as many as their stream.
+    consumer_replicas: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -134,8 +196,16 @@ impl JetStreamBus {
             js,
             consumers: Mutex::new(HashMap::new()),
             host_consumers: Mutex::new(HashSet::new()),
+            consumer_replicas: 0,
             metrics,
         }
+    }
+
+    /// Consumers created from now on get `replicas` replicas (0 = as their stream).
+    /// Existing consumers keep theirs.
+    pub fn with_consumer_replicas(mut self, replicas: usize) -> Self {
+        self.consumer_replicas = replicas;
+        self
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -148,9 +218,11 @@ impl JetStreamBus {
 
     /// Creates the streams, or updates their limits, idempotently.
     pub async fn ensure_streams(&self, limits: &StreamLimits) -> Result<(), RelayError> {
-        for (name, subjects) in
-            [(names::STREAM_TO_HOST, names::SUBJECTS_TO_HOST), (names::STREAM_TO_GM, names::SUBJECTS_TO_GM)]
-        {
+        for (name, subjects) in [
+            (names::STREAM_TO_HOST, names::SUBJECTS_TO_HOST),
+            (names::STREAM_TO_GM, names::SUBJECTS_TO_GM),
+            (names::STREAM_HISTORY, names::SUBJECTS_HISTORY),
+        ] {
             let config = stream::Config {
                 name: name.to_owned(),
                 subjects: vec![subjects.to_owned()],
@@ -161,6 +233,9 @@ impl JetStreamBus {
                 max_bytes: limits.max_bytes,
                 num_replicas: limits.replicas,
                 duplicate_window: DUPLICATE_WINDOW,
+                max_consumers: MAX_CONSUMERS_PER_STREAM,
+                // The console pages history with direct gets, which any replica serves.
+                allow_direct: name == names::STREAM_HISTORY,
                 ..Default::default()
             };
             tokio::time::timeout(API_TIMEOUT, self.js.create_or_update_stream(config))
@@ -185,6 +260,7 @@ impl JetStreamBus {
             max_deliver: -1,
             max_ack_pending: LEGACY_MAX_ACK_PENDING,
             deliver_policy: consumer::DeliverPolicy::All,
+            num_replicas: self.consumer_replicas,
             ..Default::default()
         };
         let created = tokio::time::timeout(API_TIMEOUT, async {
@@ -250,7 +326,7 @@ impl JetStreamBus {
 impl EventBus for JetStreamBus {
     type Handle = jetstream::Message;
 
-    async fn publish(&self, route: Route, event: &Envelope) -> Result<(), RelayError> {
+    async fn publish(&self, route: Route, event: &Envelope) -> Result<u64, RelayError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
         // A lost publish or ack (a stream leader change, a dropped packet) is retried with
@@ -273,16 +349,25 @@ impl EventBus for JetStreamBus {
                 return Err(error);
             }
             tracing::debug!(id = %event.id, error = %error, "publish not acknowledged; retrying with the same id");
+            self.metrics.publish_retries.with_label_values(&[Self::route_label(route)]).inc();
             tokio::time::sleep(PUBLISH_RETRY_PAUSE).await;
         };
         if acked.duplicate {
             tracing::debug!(id = %event.id, "publish was a duplicate; already stored");
+            self.metrics.publish_duplicates.with_label_values(&[Self::route_label(route)]).inc();
         }
         self.metrics
             .publish_seconds
             .with_label_values(&[Self::route_label(route)])
             .observe(started.elapsed().as_secs_f64());
-        Ok(())
+        Ok(acked.sequence)
+    }
+
+    async fn publish_chat(&self, route: Route, event: &Envelope) -> Result<u64, RelayError> {
+        let seq = self.publish(route, event).await?;
+        // Delivered: from here on the send has happened, whatever becomes of its copy.
+        self.record_history(route, event, seq).await;
+        Ok(seq)
     }
 
     async fn publish_ordered(&self, events: &[(Route, Envelope)]) -> (usize, Option<RelayError>) {
@@ -307,7 +392,12 @@ impl EventBus for JetStreamBus {
         let mut acked = 0;
         for ack in pending {
             match tokio::time::timeout(PUBLISH_TIMEOUT, ack.into_future()).await {
-                Ok(Ok(_)) if error.is_none() => acked += 1,
+                Ok(Ok(ack)) if error.is_none() => {
+                    acked += 1;
+                    if ack.duplicate {
+                        self.metrics.publish_duplicates.with_label_values(&["outbox"]).inc();
+                    }
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     error.get_or_insert(unavailable(e));
@@ -372,6 +462,7 @@ impl EventBus for JetStreamBus {
             max_ack_pending: HOST_MAX_ACK_PENDING,
             deliver_policy: consumer::DeliverPolicy::All,
             description: Some(format!("native game server {host}")),
+            num_replicas: self.consumer_replicas,
             ..Default::default()
         };
         tokio::time::timeout(API_TIMEOUT, async {

@@ -16,6 +16,11 @@
 //! | `gmr:outbox` | list | `{"seq", "event"}` JSON, oldest first, until published |
 //! | `gmr:outbox:seq` / `gmr:outbox:published` | string | last seq written / published |
 //! | `gmr:lease:<name>` | string | lease holder's token, with a TTL |
+//! | `gmr:gm:<gm>:password` | hash | console account: `phc` (argon2 hash), `role` (`gm`/`supervisor`), `ver` (bumped per new password) |
+//! | `gmr:gm:<gm>:read` | hash | console read marks: uid → history sequence of the last player message read |
+//! | `gmr:signin_fail:gm:<gm>` / `gmr:signin_fail:ip:<ip>` | string | failed console sign-ins, expiring one window after the first |
+//!
+//! The console's keys and scripts are in [`console`].
 
 use std::time::Duration;
 
@@ -25,6 +30,9 @@ use serde::Deserialize;
 
 use crate::domain::ports::{FriendStore, LeaseToken, OutboxItem, PlayerLink, RosterEntry};
 use crate::domain::{Backend, Envelope, Errno, GmId, GmName, HostId, RelayError, Uid};
+
+pub mod console;
+pub mod import;
 
 /// Key prefix of everything gm-relay writes, apart from the original system's keys.
 pub const PREFIX: &str = "gmr:";
@@ -524,5 +532,66 @@ impl RedisStore {
         let reply = self.run(&self.scripts.set_presence, &args.each_ref().map(String::as_str)).await?;
         let seq = int_at(&reply, 1)? as u64;
         Ok((seq > 0).then_some(seq))
+    }
+}
+
+/// Friendships committed per pipeline of [`RedisStore::seed_friendships`]: about two
+/// commands each, so a pipeline stays far below the response timeout.
+const SEED_CHUNK: usize = 20_000;
+
+impl RedisStore {
+    /// Bulk loading for benchmarks and migrations: creates `gms` (named and online, as
+    /// `create` does) and writes `friendships` `(gm, host, uid)` with exactly the keys the
+    /// `ADD_FRIEND` script writes — the player hash's `gm`, `host` and a `rev` bump, the GM's
+    /// friends set and hosts hash, the host's players set and, for GMs that are online,
+    /// the host's `online_gms` — but without outbox events (nothing is published), in
+    /// pipelines of `SEED_CHUNK` (20,000) friendships. Meant for an empty store: unlike `add` it
+    /// checks nothing, so every uid must appear once, have no GM yet, and every GM must
+    /// exist (be in `gms` or created before).
+    pub async fn seed_friendships(
+        &self,
+        gms: &[(GmId, String)],
+        friendships: &[(GmId, HostId, Uid)],
+    ) -> Result<(), RelayError> {
+        let mut conn = self.conn.clone();
+        let online_key = format!("{PREFIX}gm_online");
+        if !gms.is_empty() {
+            let mut pipe = redis::pipe();
+            for (gm, name) in gms {
+                pipe.cmd("SET").arg(format!("{PREFIX}gm:{gm}:name")).arg(name).ignore();
+                pipe.cmd("SADD").arg(&online_key).arg(gm.0).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        }
+        let online: std::collections::HashSet<i64> =
+            self.cmd(redis::cmd("SMEMBERS").arg(&online_key)).await?;
+        for chunk in friendships.chunks(SEED_CHUNK) {
+            let mut friends: std::collections::HashMap<GmId, Vec<i64>> = Default::default();
+            let mut players: std::collections::HashMap<HostId, Vec<i64>> = Default::default();
+            let mut per_gm_host: std::collections::HashMap<(GmId, HostId), i64> = Default::default();
+            let mut pipe = redis::pipe();
+            for &(gm, host, uid) in chunk {
+                let pk = format!("{PREFIX}player:{uid}");
+                pipe.cmd("HINCRBY").arg(&pk).arg("rev").arg(1).ignore();
+                pipe.cmd("HSET").arg(&pk).arg("gm").arg(gm.0).arg("host").arg(host.0).ignore();
+                friends.entry(gm).or_default().push(uid.0);
+                players.entry(host).or_default().push(uid.0);
+                *per_gm_host.entry((gm, host)).or_default() += 1;
+            }
+            for (gm, uids) in &friends {
+                pipe.cmd("SADD").arg(format!("{PREFIX}gm:{gm}:friends")).arg(uids).ignore();
+            }
+            for (host, uids) in &players {
+                pipe.cmd("SADD").arg(format!("{PREFIX}host:{host}:players")).arg(uids).ignore();
+            }
+            for (&(gm, host), n) in &per_gm_host {
+                pipe.cmd("HINCRBY").arg(format!("{PREFIX}gm:{gm}:hosts")).arg(host.0).arg(*n).ignore();
+                if online.contains(&gm.0) {
+                    pipe.cmd("SADD").arg(keys::online_gms(host)).arg(gm.0).ignore();
+                }
+            }
+            pipe.query_async::<()>(&mut conn).await.map_err(unavailable)?;
+        }
+        Ok(())
     }
 }

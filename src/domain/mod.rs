@@ -8,6 +8,7 @@ pub mod ids;
 pub mod poll;
 pub mod ports;
 pub mod rate;
+pub mod session;
 pub mod text;
 
 pub use error::{Backend, Errno, RelayError};

@@ -65,8 +65,17 @@ pub trait EventBus: Send + Sync + 'static {
     type Handle: Send + 'static;
 
     /// Publishes and waits for the broker's acknowledgement (stored), with the event id as
-    /// de-duplication key.
-    fn publish(&self, route: Route, event: &Envelope) -> impl Future<Output = Result<(), RelayError>> + Send;
+    /// de-duplication key. Returns the event's sequence in its stream.
+    fn publish(&self, route: Route, event: &Envelope)
+        -> impl Future<Output = Result<u64, RelayError>> + Send;
+
+    /// Publishes a chat message as [`EventBus::publish`] does, then records a copy in the
+    /// conversation's history (best effort: the delivery is what the reply promises).
+    fn publish_chat(
+        &self,
+        route: Route,
+        event: &Envelope,
+    ) -> impl Future<Output = Result<u64, RelayError>> + Send;
 
     /// Publishes several events in order and waits for all acknowledgements. Returns how
     /// many of the leading events were acknowledged, so the caller knows the safe prefix.

@@ -553,3 +553,6 @@ fn redis_command(port: u16, command: &str) -> io::Result<String> {
 }
 
 pub mod app;
+pub mod cluster;
+pub mod console;
+pub mod relays;

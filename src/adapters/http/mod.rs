@@ -1,7 +1,9 @@
 //! HTTP adapter: the legacy GM/GS endpoints and the operational endpoints (`/healthz`,
-//! `/readyz`, `/metrics`), as one axum router.
+//! `/readyz`, `/metrics`), as one axum router, with the console under `/console` when it
+//! is on.
 
 pub mod access;
+pub mod console;
 pub mod legacy;
 pub mod pyjson;
 pub mod query;
@@ -46,18 +48,26 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Requests per second per client IP, over both legacy endpoints.
     pub ip_rate: Arc<RateLimiter<IpAddr>>,
+    /// The web console, when `GM_RELAY_SESSION_KEY` is set.
+    pub console: Option<Arc<crate::console::Console>>,
 }
 
 pub fn router(state: AppState, gm_path: &str, gs_path: &str) -> Router {
-    Router::new()
+    let console = state.console.clone();
+    let mut app = Router::new()
         .route(gm_path, get(legacy::gm))
         .route(gs_path, get(legacy::gs))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT))
+        .with_state(state);
+    if let Some(console) = console {
+        app = app.merge(console::router(console));
+    }
+    // A live feed's response is its headers; the stream after them is bounded by the
+    // console's own feed limit, not by these.
+    app.layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT))
         .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_CONCURRENT_REQUESTS))
-        .with_state(state)
 }
 
 async fn healthz() -> &'static str {
