@@ -90,3 +90,14 @@ async fn sigterm_stops_gracefully_and_publishes_what_was_committed() {
     app.start_process(&[]).await;
     assert_eq!(app.relation(3).await.0, json!({"1001": ["7", "Alice"]}));
 }
+
+#[test]
+fn every_setting_is_documented_in_the_readme() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for (key, default, _) in gm_relay::config::SETTINGS {
+        assert!(readme.contains(&format!("`{key}`")), "README's settings table lacks {key}");
+        if !default.is_empty() {
+            assert!(readme.contains(default), "README does not show {key}'s default {default:?}");
+        }
+    }
+}
