@@ -37,29 +37,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config = match Config::load(config_path.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    gm_relay::telemetry::init(config.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "gm-relay stopped with an error");
-            eprintln!("gm-relay: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_with_config(config_path.as_deref(), "gm-relay", |config| async move {
+        let app = Application::build(config).await.context("start-up failed")?;
+        app.run_until_stopped(shutdown_signal()).await.context("server failed")
+    })
 }
 
 /// `gm-relay nats-auth --hosts .. --out .. --keys-dir ..`
@@ -96,9 +77,32 @@ fn nats_auth(args: &[String]) -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let app = Application::build(config).await.context("start-up failed")?;
-    app.run_until_stopped(shutdown_signal()).await.context("server failed")
+/// Loads the settings (a bad one exits 2, naming it), starts logging and the async runtime,
+/// and runs `work`; an error exits 1 with its whole cause chain.
+fn run_with_config<F, Fut>(config_path: Option<&str>, what: &str, work: F) -> ExitCode
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    gm_relay::telemetry::init(config.log_format);
+    let outcome = tokio::runtime::Runtime::new()
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(work(config)));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "{what} stopped with an error");
+            eprintln!("{what}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// SIGTERM or Ctrl-C.
@@ -149,28 +153,9 @@ fn import_legacy(args: &[String]) -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    let config = match Config::load(config_path.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    gm_relay::telemetry::init(config.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run_import(&from, dry_run, &config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("gm-relay import-legacy: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    run_with_config(config_path.as_deref(), "gm-relay import-legacy", |config| async move {
+        run_import(&from, dry_run, &config).await
+    })
 }
 
 async fn run_import(from: &str, dry_run: bool, config: &Config) -> anyhow::Result<()> {
@@ -229,14 +214,7 @@ fn replay(args: &[String]) -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    let config = match Config::load(config_path.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    let run = async {
+    run_with_config(config_path.as_deref(), "gm-relay replay", |config| async move {
         let client = gm_relay::adapters::nats::connect(
             &config.nats_url,
             config.nats_nkey_seed.as_deref(),
@@ -244,26 +222,14 @@ fn replay(args: &[String]) -> ExitCode {
         )
         .await
         .context("cannot connect to NATS")?;
-        let replayed = gm_relay::adapters::nats::replay::replay(&client, host, feed, from).await?;
-        anyhow::Ok(replayed)
-    };
-    let outcome = tokio::runtime::Runtime::new()
-        .context("cannot start the async runtime")
-        .and_then(|rt| rt.block_on(run));
-    match outcome {
-        Ok(r) => {
-            match r.from_seq {
-                Some(seq) => println!(
-                    "{}: delivering again from stream sequence {seq} ({} events pending)",
-                    r.consumer, r.pending
-                ),
-                None => println!("{}: host {host} has no event in that range; nothing changed", r.consumer),
-            }
-            ExitCode::SUCCESS
+        let r = gm_relay::adapters::nats::replay::replay(&client, host, feed, from).await?;
+        match r.from_seq {
+            Some(seq) => println!(
+                "{}: delivering again from stream sequence {seq} ({} events pending)",
+                r.consumer, r.pending
+            ),
+            None => println!("{}: host {host} has no event in that range; nothing changed", r.consumer),
         }
-        Err(e) => {
-            eprintln!("gm-relay replay: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+        Ok(())
+    })
 }
