@@ -10,12 +10,16 @@
 //! to this one) on free loopback ports with temporary directories, and kills them on exit
 //! (also on Ctrl-C). Prints a markdown table per workload and writes the figures as JSON
 //! (default `var/bench/results.json`). `--quick` is the smoke mode (seconds per workload).
+//!
+//! `gm-relay-bench soak ...` is the long-running accounting mode with fault injection; see
+//! `soak.rs`.
 
 mod http;
 mod load;
 mod procs;
 mod receipts;
 mod report;
+mod soak;
 mod stack;
 mod w0;
 mod w1;
@@ -35,7 +39,8 @@ use report::{f, n, Table};
 use stack::{DataSet, External, Layout, Stack};
 
 const USAGE: &str = "usage: gm-relay-bench [--quick] [--out results.json] [--workloads w0,w1,w2,w3,sync] [--stock-nats-limits]
-                      [--nats-url U --redis-url U --relay-url U [--nats-monitor-url U]]";
+                      [--nats-url U --redis-url U --relay-url U [--nats-monitor-url U]]
+       gm-relay-bench soak --help";
 
 const ALL_WORKLOADS: [&str; 5] = ["w0", "w1", "w2", "sync", "w3"];
 
@@ -213,6 +218,9 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("soak") {
+        return soak_main();
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -239,6 +247,44 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gm-relay-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `gm-relay-bench soak ...`: exit 0 when no acknowledged message was lost, 1 when one was
+/// (or the run failed), 2 on bad arguments.
+fn soak_main() -> ExitCode {
+    let args = match soak::parse_args(std::env::args().skip(2)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("gm-relay-bench soak: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    load::now_ns();
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            r = soak::run(&args) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted; stopped the servers it started")),
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("gm-relay-bench soak: acknowledged messages were lost");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("gm-relay-bench soak: {e:#}");
             ExitCode::FAILURE
         }
     }

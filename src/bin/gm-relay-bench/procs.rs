@@ -67,6 +67,14 @@ impl Proc {
         self.child.as_ref().map(Child::id)
     }
 
+    /// `kill -9` and reap (the soak's fault injection).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Fails with the log when the process has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(child) = self.child.as_mut() {
@@ -163,6 +171,9 @@ pub struct NatsServer {
     pub proc: Proc,
     pub url: String,
     pub monitor: SocketAddr,
+    binary: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    restarts: u32,
     _dir: TempDir,
 }
 
@@ -197,19 +208,40 @@ impl NatsServer {
         let text = format!("jetstream {{\n{interval}{limits}}}\n");
         std::fs::write(&conf, text)?;
         cmd.arg("-c").arg(&conf).arg("-sd").arg(&store);
+        let args = cmd.get_args().map(|a| a.to_owned()).collect();
         let proc = Proc::spawn("nats-server", cmd, dir.path().join("nats.log"))?;
         let mut server = NatsServer {
             proc,
             url: format!("nats://127.0.0.1:{port}"),
             monitor: SocketAddr::from((Ipv4Addr::LOCALHOST, mport)),
+            binary,
+            args,
+            restarts: 0,
             _dir: dir,
         };
+        server.wait_healthy().await?;
+        Ok(server)
+    }
+
+    /// `kill -9`, then the same server again: same ports, config and store directory.
+    pub async fn kill_and_restart(&mut self) -> Result<()> {
+        self.proc.kill();
+        self.restarts += 1;
+        let log = self._dir.path().join(format!("nats-{}.log", self.restarts));
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(&self.args);
+        self.proc = Proc::spawn("nats-server", cmd, log)?;
+        self.wait_healthy().await
+    }
+
+    async fn wait_healthy(&mut self) -> Result<()> {
+        let server = self;
         let started = Instant::now();
         loop {
             server.proc.check_alive()?;
             if let Ok(v) = monitor_get(server.monitor, "/healthz?js-enabled-only=true").await {
                 if v.get("status").and_then(Value::as_str) == Some("ok") {
-                    return Ok(server);
+                    return Ok(());
                 }
             }
             if started.elapsed() > START_DEADLINE {
@@ -263,12 +295,41 @@ impl RedisServer {
 pub struct RelayProc {
     pub proc: Proc,
     pub addr: SocketAddr,
+    nats_url: String,
+    redis_url: String,
+    restarts: u32,
     _dir: TempDir,
 }
 
 impl RelayProc {
     /// Starts the `gm-relay` binary next to this executable with rate limits off.
     pub async fn start(nats_url: &str, redis_url: &str) -> Result<RelayProc> {
+        let dir = TempDir::new("gm-relay-bench-relay")?;
+        let port = free_port()?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let proc = Self::spawn(addr, nats_url, redis_url, dir.path().join("relay.log"))?;
+        let mut relay = RelayProc {
+            proc,
+            addr,
+            nats_url: nats_url.to_owned(),
+            redis_url: redis_url.to_owned(),
+            restarts: 0,
+            _dir: dir,
+        };
+        wait_ready(addr, Some(&mut relay.proc)).await?;
+        Ok(relay)
+    }
+
+    /// `kill -9`, then a new relay on the same address (clients keep their URL).
+    pub async fn kill_and_restart(&mut self) -> Result<()> {
+        self.proc.kill();
+        self.restarts += 1;
+        let log = self._dir.path().join(format!("relay-{}.log", self.restarts));
+        self.proc = Self::spawn(self.addr, &self.nats_url, &self.redis_url, log)?;
+        wait_ready(self.addr, Some(&mut self.proc)).await
+    }
+
+    fn spawn(addr: SocketAddr, nats_url: &str, redis_url: &str, log: PathBuf) -> Result<Proc> {
         let binary = std::env::current_exe()?.with_file_name("gm-relay");
         if !binary.is_file() {
             bail!(
@@ -276,9 +337,6 @@ impl RelayProc {
                 binary.display()
             );
         }
-        let dir = TempDir::new("gm-relay-bench-relay")?;
-        let port = free_port()?;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut cmd = Command::new(&binary);
         cmd.arg("serve")
             .env("GM_RELAY_LISTEN", addr.to_string())
@@ -290,10 +348,7 @@ impl RelayProc {
             .env("GM_RELAY_LOG_FORMAT", "json")
             .env("RUST_LOG", "warn")
             .env_remove("GM_RELAY_CONFIG");
-        let proc = Proc::spawn("gm-relay", cmd, dir.path().join("relay.log"))?;
-        let mut relay = RelayProc { proc, addr, _dir: dir };
-        wait_ready(addr, Some(&mut relay.proc)).await?;
-        Ok(relay)
+        Proc::spawn("gm-relay", cmd, log)
     }
 }
 
