@@ -89,6 +89,19 @@ local function k_online_gms(host) return P .. 'host:' .. host .. ':online_gms' e
 local K_ONLINE = P .. 'gm_online'
 local K_OUTBOX = P .. 'outbox'
 local K_OUTBOX_SEQ = P .. 'outbox:seq'
+-- Makes uid the player of gm on host: every key `add` writes but the outbox. Returns the
+-- player's new revision. The caller has checked the GM exists and the player is free.
+local function claim(gm, host, uid)
+  local pk = k_player(uid)
+  local rev = redis.call('HINCRBY', pk, 'rev', 1)
+  redis.call('HSET', pk, 'gm', gm, 'host', host)
+  redis.call('SADD', k_friends(gm), uid)
+  redis.call('SADD', k_players(host), uid)
+  if redis.call('HINCRBY', k_hosts(gm), host, 1) == 1 and redis.call('SISMEMBER', K_ONLINE, gm) == 1 then
+    redis.call('SADD', k_online_gms(host), gm)
+  end
+  return rev
+end
 local function emit(event)
   local seq = redis.call('INCR', K_OUTBOX_SEQ)
   redis.call('RPUSH', K_OUTBOX, cjson.encode({seq = seq, event = event}))
@@ -120,15 +133,8 @@ if too_late() then return {-3} end
 local gm, host, uid, id, ts = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local name = redis.call('GET', k_name(gm))
 if not name then return {2} end
-local pk = k_player(uid)
-if redis.call('HEXISTS', pk, 'gm') == 1 then return {3} end
-local rev = redis.call('HINCRBY', pk, 'rev', 1)
-redis.call('HSET', pk, 'gm', gm, 'host', host)
-redis.call('SADD', k_friends(gm), uid)
-redis.call('SADD', k_players(host), uid)
-if redis.call('HINCRBY', k_hosts(gm), host, 1) == 1 and redis.call('SISMEMBER', K_ONLINE, gm) == 1 then
-  redis.call('SADD', k_online_gms(host), gm)
-end
+if redis.call('HEXISTS', k_player(uid), 'gm') == 1 then return {3} end
+local rev = claim(gm, host, uid)
 return {0, emit({v = 1, id = id, type = 'friend_add', host = host, uid = uid, gm = gm,
                  gm_name = name, ts = ts, rev = rev})}
 "#;

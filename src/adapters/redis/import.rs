@@ -69,13 +69,7 @@ if rhost ~= '' then
               gm_name = '', ts = ts, rev = rev})
 end
 if gm ~= '' then
-  local rev = redis.call('HINCRBY', pk, 'rev', 1)
-  redis.call('HSET', pk, 'gm', gm, 'host', host)
-  redis.call('SADD', k_friends(gm), uid)
-  redis.call('SADD', k_players(host), uid)
-  if redis.call('HINCRBY', k_hosts(gm), host, 1) == 1 and redis.call('SISMEMBER', K_ONLINE, gm) == 1 then
-    redis.call('SADD', k_online_gms(host), gm)
-  end
+  local rev = claim(gm, host, uid)
   if apply == '1' then
     seq = emit({v = 1, id = aid, type = 'friend_add', host = host, uid = uid, gm = gm,
                 gm_name = name, ts = ts, rev = rev})
