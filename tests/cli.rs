@@ -8,13 +8,18 @@ use std::time::Duration;
 use serde_json::json;
 use support::app::TestApp;
 
-fn serve_with(env: &[(&str, &str)]) -> std::process::Output {
+/// Runs `gm-relay <args>` with only `env` (and PATH) in its environment.
+fn gm_relay(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gm-relay"));
-    cmd.arg("serve").env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in env {
         cmd.env(k, v);
     }
     cmd.output().expect("gm-relay runs")
+}
+
+fn serve_with(env: &[(&str, &str)]) -> std::process::Output {
+    gm_relay(&["serve"], env)
 }
 
 #[test]
@@ -39,40 +44,27 @@ fn a_config_file_sets_keys_and_the_environment_wins() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("relay.conf");
     std::fs::write(&file, "# comment\nGM_RELAY_LISTEN=bad-from-file\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_gm-relay"))
-        .args(["serve", "--config", file.to_str().unwrap()])
-        .env_clear()
-        .output()
-        .unwrap();
+    let out = gm_relay(&["serve", "--config", file.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("GM_RELAY_LISTEN"));
 
     // The environment wins over the file: the file's bad LISTEN is replaced, so the next
     // bad setting is the one reported.
-    let out = Command::new(env!("CARGO_BIN_EXE_gm-relay"))
-        .args(["serve", "--config", file.to_str().unwrap()])
-        .env_clear()
-        .env("GM_RELAY_LISTEN", "127.0.0.1:0")
-        .env("GM_RELAY_NATS_URL", "bogus")
-        .output()
-        .unwrap();
+    let serve_file = ["serve", "--config", file.to_str().unwrap()];
+    let out = gm_relay(&serve_file, &[("GM_RELAY_LISTEN", "127.0.0.1:0"), ("GM_RELAY_NATS_URL", "bogus")]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("GM_RELAY_NATS_URL") && !stderr.contains("GM_RELAY_LISTEN"), "{stderr}");
 
     std::fs::write(&file, "GM_RELAY_LISTEN=127.0.0.1:1\nGM_RELAY_UNKNOWN=1\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_gm-relay"))
-        .args(["serve", "--config", file.to_str().unwrap()])
-        .env_clear()
-        .output()
-        .unwrap();
+    let out = gm_relay(&["serve", "--config", file.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("GM_RELAY_UNKNOWN"), "unknown keys are refused");
 }
 
 #[test]
 fn unknown_commands_print_usage() {
-    let out = Command::new(env!("CARGO_BIN_EXE_gm-relay")).arg("nope").output().unwrap();
+    let out = gm_relay(&["nope"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage: gm-relay serve"));
 }
