@@ -2,7 +2,7 @@
 //! registry (no globals), so tests can run many relays in one process.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -23,6 +23,9 @@ pub struct Metrics {
     /// Acknowledgements saying the stream already held that `Nats-Msg-Id` (a retry or an
     /// outbox republish whose first copy was stored), by route: dropped, not stored twice.
     pub publish_duplicates: IntCounterVec,
+    /// History copies of delivered chat messages that could not be written (the console's
+    /// history misses them; the delivery streams still hold the messages).
+    pub history_lost: IntCounter,
 }
 
 impl Default for Metrics {
@@ -68,6 +71,11 @@ impl Metrics {
             &["route"],
         )
         .expect("static metric definition");
+        let history_lost = IntCounter::new(
+            "history_lost_total",
+            "Delivered chat messages whose console history copy could not be written",
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(publish_seconds.clone()),
@@ -76,6 +84,7 @@ impl Metrics {
             Box::new(rate_limited.clone()),
             Box::new(publish_retries.clone()),
             Box::new(publish_duplicates.clone()),
+            Box::new(history_lost.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -88,6 +97,7 @@ impl Metrics {
             rate_limited,
             publish_retries,
             publish_duplicates,
+            history_lost,
         }
     }
 

@@ -65,6 +65,10 @@ const PUBLISH_CONCURRENCY: usize = 32;
 /// How long the import waits for the outbox to empty (another relay may be draining it).
 const OUTBOX_DRAIN_DEADLINE: Duration = Duration::from_secs(60);
 
+/// Bound on writing the last history copies before the import reports: the queue holds
+/// at most a few seconds of copies.
+const HISTORY_FLUSH_WAIT: Duration = Duration::from_secs(30);
+
 /// Pause between looks at an outbox that another relay is draining.
 const OUTBOX_RECHECK: Duration = Duration::from_millis(50);
 
@@ -761,6 +765,9 @@ pub async fn execute(
             source: format!("{} queued messages", report.messages.conflicts),
             reason: "their player was refused".to_owned(),
         });
+    }
+    if !relay.bus().flush_history(HISTORY_FLUSH_WAIT).await {
+        tracing::warn!("some imported messages may be missing from the console history");
     }
     let _ = relay.bus().client().flush().await;
     Ok(report)

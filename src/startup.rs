@@ -154,6 +154,10 @@ impl Application {
             tracing::warn!("outbox drain did not finish in time; the next relay to start publishes the rest");
         }
         let _ = tokio::time::timeout_at(deadline, native).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !relay.bus().flush_history(left).await {
+            tracing::warn!("history copies not all written in time; the console history misses them");
+        }
         if let Some(task) = gs_list {
             task.abort();
         }

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, consumer, stream, AckKind};
+use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::domain::event::ENVELOPE_VERSION;
@@ -34,6 +35,7 @@ use crate::domain::{Backend, Envelope, HostId, RelayError};
 use crate::metrics::Metrics;
 
 pub mod console;
+mod history;
 pub mod replay;
 
 pub mod names {
@@ -181,6 +183,8 @@ pub struct JetStreamBus {
     host_consumers: Mutex<HashSet<HostId>>,
     /// Replicas of the consumers this bus creates; 0 = as many as their stream.
     consumer_replicas: usize,
+    /// Writes the console's history copies behind the sends.
+    history: history::HistoryWriter,
     metrics: Arc<Metrics>,
 }
 
@@ -189,16 +193,25 @@ fn unavailable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> RelayE
 }
 
 impl JetStreamBus {
+    /// Must be called within a Tokio runtime: it starts the history writer's task.
     pub fn new(client: async_nats::Client, metrics: Arc<Metrics>) -> Self {
         let js = jetstream::new(client.clone());
+        let history = history::HistoryWriter::start(client.clone(), js.clone(), Arc::clone(&metrics));
         Self {
             client,
             js,
             consumers: Mutex::new(HashMap::new()),
             host_consumers: Mutex::new(HashSet::new()),
             consumer_replicas: 0,
+            history,
             metrics,
         }
+    }
+
+    /// Waits (at most `bound`) until the history copies of every chat message this relay
+    /// has answered are written, so that a history read sees them. Returns whether it did.
+    pub async fn flush_history(&self, bound: Duration) -> bool {
+        self.history.flush(bound).await
     }
 
     /// Consumers created from now on get `replicas` replicas (0 = as their stream).
@@ -316,25 +329,29 @@ impl JetStreamBus {
         route: Route,
         event: &Envelope,
     ) -> Result<jetstream::context::PublishAckFuture, RelayError> {
+        self.send_payload(route, &event.id, encode(event)?).await
+    }
+
+    async fn send_payload(
+        &self,
+        route: Route,
+        id: &str,
+        payload: Bytes,
+    ) -> Result<jetstream::context::PublishAckFuture, RelayError> {
         self.ensure_connected()?;
-        let payload = serde_json::to_vec(event).map_err(unavailable)?;
-        let message = PublishMessage::build().payload(payload.into()).message_id(&event.id);
+        let message = PublishMessage::build().payload(payload).message_id(id);
         self.js.send_publish(names::subject(route), message).await.map_err(unavailable)
     }
-}
 
-impl EventBus for JetStreamBus {
-    type Handle = jetstream::Message;
-
-    async fn publish(&self, route: Route, event: &Envelope) -> Result<u64, RelayError> {
+    /// Publishes and awaits the PubAck. A lost publish or ack (a stream leader change, a
+    /// dropped packet) is retried with the same Nats-Msg-Id, so the stream stores the
+    /// message once however many attempts reach it.
+    async fn publish_payload(&self, route: Route, id: &str, payload: Bytes) -> Result<u64, RelayError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
-        // A lost publish or ack (a stream leader change, a dropped packet) is retried with
-        // the same Nats-Msg-Id, so the stream stores the message once however many
-        // attempts reach it.
         let acked = loop {
             let attempt = tokio::time::timeout(PUBLISH_ATTEMPT_TIMEOUT, async {
-                let ack = self.send(route, event).await?;
+                let ack = self.send_payload(route, id, payload.clone()).await?;
                 ack.await.map_err(unavailable)
             });
             let error = match tokio::time::timeout_at(deadline, attempt).await {
@@ -348,12 +365,12 @@ impl EventBus for JetStreamBus {
             {
                 return Err(error);
             }
-            tracing::debug!(id = %event.id, error = %error, "publish not acknowledged; retrying with the same id");
+            tracing::debug!(%id, error = %error, "publish not acknowledged; retrying with the same id");
             self.metrics.publish_retries.with_label_values(&[Self::route_label(route)]).inc();
             tokio::time::sleep(PUBLISH_RETRY_PAUSE).await;
         };
         if acked.duplicate {
-            tracing::debug!(id = %event.id, "publish was a duplicate; already stored");
+            tracing::debug!(%id, "publish was a duplicate; already stored");
             self.metrics.publish_duplicates.with_label_values(&[Self::route_label(route)]).inc();
         }
         self.metrics
@@ -362,11 +379,33 @@ impl EventBus for JetStreamBus {
             .observe(started.elapsed().as_secs_f64());
         Ok(acked.sequence)
     }
+}
+
+fn encode(event: &Envelope) -> Result<Bytes, RelayError> {
+    serde_json::to_vec(event).map(Bytes::from).map_err(unavailable)
+}
+
+impl EventBus for JetStreamBus {
+    type Handle = jetstream::Message;
+
+    async fn publish(&self, route: Route, event: &Envelope) -> Result<u64, RelayError> {
+        self.publish_payload(route, &event.id, encode(event)?).await
+    }
 
     async fn publish_chat(&self, route: Route, event: &Envelope) -> Result<u64, RelayError> {
-        let seq = self.publish(route, event).await?;
+        let payload = encode(event)?;
+        let seq = self.publish_payload(route, &event.id, payload.clone()).await?;
         // Delivered: from here on the send has happened, whatever becomes of its copy.
-        self.record_history(route, event, seq).await;
+        if let Some(uid) = event.uid {
+            self.history
+                .record(history::Copy {
+                    subject: names::history_subject(event.gm, uid, names::history_from(route)),
+                    id: event.id.clone(),
+                    payload,
+                    delivery_seq: matches!(route, Route::ToHost(_)).then_some(seq),
+                })
+                .await;
+        }
         Ok(seq)
     }
 

@@ -7,6 +7,7 @@
 //! conversations with something past their mark are counted, and only up to a cap.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -28,6 +29,11 @@ pub const MAX_UNREAD_COUNTED: usize = 50;
 
 /// Messages per history page.
 pub const HISTORY_PAGE: usize = 30;
+
+/// A history read first waits at most this for this relay's own pending history copies
+/// (they are written just behind the sends), so that what it answers includes the
+/// messages this relay has already confirmed.
+const HISTORY_SETTLE_WAIT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct PlayerView {
@@ -78,6 +84,7 @@ impl Console {
         let Some(profile) = store.gm_profile(gm).await? else {
             return Ok(None);
         };
+        self.settle_history().await;
         // Read first: a message arriving while the rest is read is then counted twice
         // (unread and live), never missed.
         let live_after = bus.stream_figures(names::STREAM_TO_GM).await?.last_seq;
@@ -133,6 +140,7 @@ impl Console {
         uid: Uid,
         before: Option<u64>,
     ) -> Result<(Vec<MessageView>, bool), RelayError> {
+        self.settle_history().await;
         let (entries, more) = self.relay.bus().history_page(gm, uid, before, HISTORY_PAGE).await?;
         let mut taken_cache: HashMap<(HostId, u64), Option<bool>> = HashMap::new();
         let messages = entries
@@ -158,10 +166,17 @@ impl Console {
 
     /// Marks the conversation with `uid` read up to its newest player message.
     pub async fn mark_read(&self, gm: GmId, uid: Uid) -> Result<(), RelayError> {
+        self.settle_history().await;
         let last = self.relay.bus().last_player_messages(gm, &[uid]).await?;
         if let Some(&seq) = last.get(&uid) {
             self.relay.store().mark_read(gm, uid, seq).await?;
         }
         Ok(())
+    }
+
+    async fn settle_history(&self) {
+        if !self.relay.bus().flush_history(HISTORY_SETTLE_WAIT).await {
+            tracing::warn!("history copies still being written; this read may miss the newest messages");
+        }
     }
 }

@@ -27,14 +27,6 @@ use crate::domain::{Envelope, GmId, RelayError, Uid};
 /// can tell whether the player's server has taken it (its consumer's ack floor passed it).
 pub const DELIVERY_SEQ_HEADER: &str = "Gm-Relay-Delivery-Seq";
 
-/// Bound on recording one history copy after the delivery was acknowledged. Short: the
-/// sender is waiting, and the delivery, which the reply promises, has already happened.
-const HISTORY_PUBLISH_TIMEOUT: Duration = Duration::from_millis(1500);
-
-/// Attempts at the history copy within [`HISTORY_PUBLISH_TIMEOUT`]; each resend keeps the
-/// event id as `Nats-Msg-Id`, so the history stores it once.
-const HISTORY_ATTEMPTS: usize = 2;
-
 /// Bound on one direct get (request to last message of its batch).
 const DIRECT_GET_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -101,50 +93,6 @@ fn envelope(payload: &[u8]) -> Option<Envelope> {
 }
 
 impl JetStreamBus {
-    /// Records a delivered chat message in its conversation's history. Best effort: the
-    /// message is delivered already, so a failure is logged (and shows on the dashboard's
-    /// recent errors) and the send still succeeds; `nats/HISTORY.md` has the trade-off.
-    pub(super) async fn record_history(&self, route: Route, event: &Envelope, delivery_seq: u64) {
-        let Some(uid) = event.uid else {
-            return;
-        };
-        let subject = names::history_subject(event.gm, uid, names::history_from(route));
-        let delivery = matches!(route, Route::ToHost(_)).then_some(delivery_seq);
-        let attempt_timeout = HISTORY_PUBLISH_TIMEOUT / HISTORY_ATTEMPTS as u32;
-        let mut last_error = None;
-        for _ in 0..HISTORY_ATTEMPTS {
-            let attempt = tokio::time::timeout(attempt_timeout, async {
-                let ack = self.send_to_subject(subject.clone(), event, delivery).await?;
-                ack.await.map_err(unavailable)
-            });
-            match attempt.await {
-                Ok(Ok(_)) => return,
-                Ok(Err(e)) => last_error = Some(e.to_string()),
-                Err(e) => last_error = Some(e.to_string()),
-            }
-        }
-        tracing::error!(
-            id = %event.id, gm = %event.gm, %uid, error = last_error.unwrap_or_default(),
-            "chat message delivered but not recorded in the console history"
-        );
-    }
-
-    async fn send_to_subject(
-        &self,
-        subject: String,
-        event: &Envelope,
-        delivery_seq: Option<u64>,
-    ) -> Result<jetstream::context::PublishAckFuture, RelayError> {
-        self.ensure_connected()?;
-        let payload = serde_json::to_vec(event).map_err(unavailable)?;
-        let mut message =
-            jetstream::message::PublishMessage::build().payload(payload.into()).message_id(&event.id);
-        if let Some(seq) = delivery_seq {
-            message = message.header(DELIVERY_SEQ_HEADER, seq.to_string().as_str());
-        }
-        self.js.send_publish(subject, message).await.map_err(unavailable)
-    }
-
     /// A direct get of `stream` that answers with a batch ending in an end-of-batch status
     /// (`multi_last`, or `batch` with `next_by_subj`); at most `max` messages are kept.
     async fn direct_batch(

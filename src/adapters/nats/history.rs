@@ -1,0 +1,187 @@
+//! The writer of the console's history copies (`GM_HISTORY`, see `nats/HISTORY.md`).
+//!
+//! A chat send answers once its delivery is acknowledged; the copy is handed to this
+//! writer and written behind it. One task takes the queued copies in batches, publishes a
+//! whole batch before awaiting its PubAcks (one round trip per batch, not per message) and
+//! sends a failed copy once more with the same `Nats-Msg-Id`. A reader that must see its
+//! own writes (the console's history pages and unread counts) first waits for a
+//! [`HistoryWriter::flush`], which resolves once everything queued before it is written.
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use bytes::Bytes;
+use futures::future::join_all;
+use tokio::sync::{mpsc, oneshot};
+
+use super::console::DELIVERY_SEQ_HEADER;
+use crate::metrics::Metrics;
+
+/// Copies waiting for the writer. At the highest send rates measured (~30,000 messages/s)
+/// this is a third of a second of chat; a full queue holds senders back (see
+/// [`ENQUEUE_TIMEOUT`]) rather than growing without bound.
+const QUEUE: usize = 10_000;
+
+/// Copies published before their PubAcks are awaited: well under the context's limit of
+/// 5,000 unacknowledged publishes, large enough that a batch is one round trip at full load.
+const BATCH: usize = 512;
+
+/// How long a send waits for room in a full queue before its copy is given up (and
+/// counted as lost). Bounded because the delivery, which the reply promises, is done.
+const ENQUEUE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Bound on one attempt at a batch: sending it and receiving its PubAcks.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(750);
+
+/// Attempts per copy; each resend keeps the event id as `Nats-Msg-Id`, so a copy whose
+/// first PubAck was lost is still stored once.
+const ATTEMPTS: usize = 2;
+
+/// Ids named in the log line of a batch with lost copies (the count is always complete).
+const LOGGED_IDS: usize = 5;
+
+/// One history copy: the delivered envelope's bytes on its conversation's subject.
+pub struct Copy {
+    pub subject: String,
+    pub id: String,
+    pub payload: Bytes,
+    /// The delivery's sequence in `GM_TO_HOST` (GM messages only).
+    pub delivery_seq: Option<u64>,
+}
+
+enum Job {
+    Copy(Copy),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Handle to the writer task; the task ends once every handle is dropped and the queue is
+/// drained.
+pub struct HistoryWriter {
+    jobs: mpsc::Sender<Job>,
+    metrics: Arc<Metrics>,
+}
+
+impl HistoryWriter {
+    /// Starts the writer task on the current runtime.
+    pub fn start(client: async_nats::Client, js: jetstream::Context, metrics: Arc<Metrics>) -> Self {
+        let (jobs, queue) = mpsc::channel(QUEUE);
+        tokio::spawn(run(client, js, queue, Arc::clone(&metrics)));
+        Self { jobs, metrics }
+    }
+
+    /// Queues a copy; waits only while the queue is full.
+    pub async fn record(&self, copy: Copy) {
+        let id = copy.id.clone();
+        if let Err(e) = self.jobs.send_timeout(Job::Copy(copy), ENQUEUE_TIMEOUT).await {
+            self.metrics.history_lost.inc();
+            let reason = match e {
+                mpsc::error::SendTimeoutError::Timeout(_) => "the history writer is behind",
+                mpsc::error::SendTimeoutError::Closed(_) => "the history writer stopped",
+            };
+            tracing::error!(%id, reason, "chat message delivered but not recorded in the console history");
+        }
+    }
+
+    /// Resolves once every copy queued before this call was written (or given up), or at
+    /// `bound`. Returns whether it got there in time.
+    pub async fn flush(&self, bound: Duration) -> bool {
+        let (done, written) = oneshot::channel();
+        tokio::time::timeout(bound, async {
+            self.jobs.send(Job::Flush(done)).await.is_ok() && written.await.is_ok()
+        })
+        .await
+        .unwrap_or(false)
+    }
+}
+
+async fn run(
+    client: async_nats::Client,
+    js: jetstream::Context,
+    mut queue: mpsc::Receiver<Job>,
+    metrics: Arc<Metrics>,
+) {
+    let mut jobs = Vec::with_capacity(BATCH);
+    while queue.recv_many(&mut jobs, BATCH).await > 0 {
+        let mut copies = Vec::with_capacity(jobs.len());
+        let mut flushes = Vec::new();
+        for job in jobs.drain(..) {
+            match job {
+                Job::Copy(c) => copies.push(c),
+                Job::Flush(done) => flushes.push(done),
+            }
+        }
+        let lost = write(&client, &js, copies).await;
+        if !lost.is_empty() {
+            metrics.history_lost.inc_by(lost.len() as u64);
+            let ids: Vec<&str> = lost.iter().take(LOGGED_IDS).map(|(c, _)| c.id.as_str()).collect();
+            tracing::error!(
+                count = lost.len(), ?ids, error = %lost[0].1,
+                "chat messages delivered but not recorded in the console history"
+            );
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Writes a batch; returns the copies given up, each with its last error.
+async fn write(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    copies: Vec<Copy>,
+) -> Vec<(Copy, String)> {
+    let mut pending: Vec<(Copy, String)> = copies.into_iter().map(|c| (c, String::new())).collect();
+    for _ in 0..ATTEMPTS {
+        if pending.is_empty() {
+            break;
+        }
+        if let Err(state) = connected(client) {
+            // A publish would sit in the client's buffer and be sent on reconnect, after
+            // this batch was reported lost; the outage is logged once per batch anyway.
+            for (_, error) in &mut pending {
+                *error = state.clone();
+            }
+            break;
+        }
+        let results = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(js, &pending)).await;
+        pending = match results {
+            Ok(results) => pending
+                .into_iter()
+                .zip(results)
+                .filter_map(|((copy, _), result)| result.err().map(|e| (copy, e)))
+                .collect(),
+            Err(_) => pending.into_iter().map(|(copy, _)| (copy, "no PubAck in time".to_owned())).collect(),
+        };
+    }
+    pending
+}
+
+/// Publishes every copy, then awaits all PubAcks; one result per copy, in order.
+async fn attempt(js: &jetstream::Context, copies: &[(Copy, String)]) -> Vec<Result<(), String>> {
+    let mut acks: Vec<Result<PublishAckFuture, String>> = Vec::with_capacity(copies.len());
+    for (copy, _) in copies {
+        let mut message = PublishMessage::build().payload(copy.payload.clone()).message_id(&copy.id);
+        if let Some(seq) = copy.delivery_seq {
+            message = message.header(DELIVERY_SEQ_HEADER, seq.to_string().as_str());
+        }
+        acks.push(js.send_publish(copy.subject.clone(), message).await.map_err(|e| e.to_string()));
+    }
+    join_all(acks.into_iter().map(|ack| async move {
+        match ack {
+            Ok(ack) => ack.into_future().await.map(drop).map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        }
+    }))
+    .await
+}
+
+fn connected(client: &async_nats::Client) -> Result<(), String> {
+    use async_nats::connection::State;
+    match client.connection_state() {
+        State::Connected => Ok(()),
+        state => Err(format!("NATS connection is {state:?}")),
+    }
+}
