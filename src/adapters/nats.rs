@@ -350,15 +350,18 @@ impl JetStreamBus {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
         let acked = loop {
-            let attempt = tokio::time::timeout(PUBLISH_ATTEMPT_TIMEOUT, async {
+            // One timer per attempt (this runs for every message): the attempt's end, or the
+            // overall deadline when that comes first.
+            let attempt_end = (tokio::time::Instant::now() + PUBLISH_ATTEMPT_TIMEOUT).min(deadline);
+            let attempt = tokio::time::timeout_at(attempt_end, async {
                 let ack = self.send_payload(route, id, payload.clone()).await?;
                 ack.await.map_err(unavailable)
             });
-            let error = match tokio::time::timeout_at(deadline, attempt).await {
-                Ok(Ok(Ok(ack))) => break ack,
-                Ok(Ok(Err(e))) => e,
-                Ok(Err(elapsed)) => unavailable(elapsed),
-                Err(elapsed) => return Err(unavailable(elapsed)),
+            let error = match attempt.await {
+                Ok(Ok(ack)) => break ack,
+                Ok(Err(e)) => e,
+                Err(elapsed) if attempt_end == deadline => return Err(unavailable(elapsed)),
+                Err(elapsed) => unavailable(elapsed),
             };
             if self.ensure_connected().is_err()
                 || tokio::time::Instant::now() + PUBLISH_RETRY_PAUSE >= deadline
