@@ -74,6 +74,9 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
     phases.push((Path::Native, None, 64));
     if full {
         phases.push((Path::Native, None, 256));
+        phases.push((Path::Native, None, 512));
+        phases.push((Path::GmHttp, None, 128));
+        phases.push((Path::GsHttp, None, 128));
     }
 
     let mut t = Table::new(
