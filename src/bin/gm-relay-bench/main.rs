@@ -69,6 +69,9 @@ pub struct Scale {
     pub w3_measured: i64,
     pub w3_rate: f64,
     pub w3_secs: f64,
+    /// Rounds of each W3 measurement (all kinds in turn, then again); each figure is the
+    /// median of its rounds, so one slow moment of a shared VM does not decide a ratio.
+    pub w3_rounds: usize,
     pub w3_idle_secs: f64,
     pub w3_presence_ops: u64,
 }
@@ -103,6 +106,7 @@ impl Scale {
             w3_measured: 100,
             w3_rate: 500.0,
             w3_secs: 3.0,
+            w3_rounds: 3,
             w3_idle_secs: 1.0,
             w3_presence_ops: 4,
         }
@@ -136,6 +140,7 @@ impl Scale {
             w3_measured: 10,
             w3_rate: 100.0,
             w3_secs: 0.5,
+            w3_rounds: 1,
             w3_idle_secs: 0.3,
             w3_presence_ops: 2,
         }

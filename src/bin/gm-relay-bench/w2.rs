@@ -1,7 +1,10 @@
 //! W2, chat: GM → player over legacy HTTP (receipt by native game servers bound to
 //! `host_<n>`), player → GM over legacy HTTP and over native NATS requests (receipt by a
 //! JetStream consumer on `GS_TO_GM`), at a fixed rate and at the maximum (closed loop).
-//! Also run, shorter, under each nats-server `sync_interval` mode.
+//! A path's maximum is the best of its closed-loop phases: more requests in flight let
+//! the relay and nats-server write more messages per system call, at a higher latency
+//! (each phase's latencies are reported beside its rate). Also run, shorter, under each
+//! nats-server `sync_interval` mode.
 
 use std::sync::Arc;
 use std::time::Duration;
