@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -144,6 +145,27 @@ const MAX_CACHED_CONSUMERS: usize = 50_000;
 /// 10,000 hosts while a runaway creator still hits a wall.
 pub const MAX_CONSUMERS_PER_STREAM: i32 = 30_000;
 
+/// After the server refused to create a consumer (the stream's consumer limit, say), polls
+/// of its feed fail at once (errno 10) for this long instead of asking again: a host polls
+/// every second or so, and each refused creation costs the server two API calls, so a
+/// thousand such hosts would otherwise keep JetStream's API busy with nothing else.
+const CREATE_RETRY_PAUSE: Duration = Duration::from_secs(5);
+
+/// Failed creations remembered at once; past it the oldest are forgotten (a forgotten one
+/// is merely asked for again).
+const MAX_REMEMBERED_FAILURES: usize = 10_000;
+
+fn remember_failure(failed: &mut HashMap<String, Instant>, name: &str) {
+    if failed.len() >= MAX_REMEMBERED_FAILURES {
+        let now = Instant::now();
+        failed.retain(|_, until| *until > now);
+        if failed.len() >= MAX_REMEMBERED_FAILURES {
+            failed.clear();
+        }
+    }
+    failed.insert(name.to_owned(), Instant::now() + CREATE_RETRY_PAUSE);
+}
+
 /// Bound on connecting to NATS at start-up (per attempt over the configured servers).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -181,6 +203,11 @@ pub struct JetStreamBus {
     consumers: Mutex<HashMap<Feed, PullConsumer>>,
     /// Hosts whose native consumer is known to exist.
     host_consumers: Mutex<HashSet<HostId>>,
+    /// Consumers whose creation failed lately, by durable name: not asked for again
+    /// before [`CREATE_RETRY_PAUSE`], so hosts polling a consumer that cannot be made (the
+    /// stream's consumer limit, a cluster without quorum) do not turn every poll into
+    /// failing API calls.
+    failed_creations: Mutex<HashMap<String, Instant>>,
     /// Replicas of the consumers this bus creates; 0 = as many as their stream.
     consumer_replicas: usize,
     /// Writes the console's history copies behind the sends.
@@ -202,6 +229,7 @@ impl JetStreamBus {
             js,
             consumers: Mutex::new(HashMap::new()),
             host_consumers: Mutex::new(HashSet::new()),
+            failed_creations: Mutex::new(HashMap::new()),
             consumer_replicas: 0,
             history,
             metrics,
@@ -276,12 +304,7 @@ impl JetStreamBus {
             num_replicas: self.consumer_replicas,
             ..Default::default()
         };
-        let created = tokio::time::timeout(API_TIMEOUT, async {
-            let stream = self.js.get_stream(stream_name).await.map_err(unavailable)?;
-            stream.get_or_create_consumer(&durable, config).await.map_err(unavailable)
-        })
-        .await
-        .map_err(unavailable)??;
+        let created = self.get_or_create(stream_name, &durable, config).await?;
         let mut cache = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED_CONSUMERS {
             cache.clear();
@@ -292,6 +315,60 @@ impl JetStreamBus {
 
     fn forget_consumer(&self, feed: Feed) {
         self.consumers.lock().unwrap_or_else(|p| p.into_inner()).remove(&feed);
+    }
+
+    /// Binds the durable consumer `name` of `stream`, creating it with `config` if it does
+    /// not exist: one API call when it exists (no stream lookup first), two when it is
+    /// created. An existing consumer keeps its own configuration. A refusal by the server
+    /// is remembered for [`CREATE_RETRY_PAUSE`], during which the same name fails at once.
+    async fn get_or_create(
+        &self,
+        stream: &str,
+        name: &str,
+        config: consumer::pull::Config,
+    ) -> Result<PullConsumer, RelayError> {
+        if let Some(until) = self.failed_creations.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+            if Instant::now() < *until {
+                return Err(unavailable(format!(
+                    "consumer {name} could not be created just now; retrying soon"
+                )));
+            }
+        }
+        let not_found = |e: &ConsumerError| {
+            matches!(e.kind(), ConsumerErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND)
+        };
+        let result = tokio::time::timeout(API_TIMEOUT, async {
+            match self.js.get_consumer_from_stream(name, stream).await {
+                Ok(c) => Ok(c),
+                Err(e) if not_found(&e) => {
+                    match self.js.create_consumer_strict_on_stream(config, stream).await {
+                        Ok(c) => Ok(c),
+                        // Another relay created it meanwhile, perhaps with another configuration.
+                        Err(_) => self.js.get_consumer_from_stream(name, stream).await,
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .await;
+        let mut failed = self.failed_creations.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(Ok(c)) => {
+                failed.remove(name);
+                Ok(c)
+            }
+            Ok(Err(e)) => {
+                // Only a definite refusal by the server (a limit, a bad configuration) is
+                // remembered; a timeout, a missing responder or a 503 ("temporarily
+                // unavailable") during a leader election is worth asking again next poll.
+                if matches!(e.kind(), ConsumerErrorKind::JetStream(j) if j.code() != 503) {
+                    remember_failure(&mut failed, name);
+                }
+                Err(unavailable(e))
+            }
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// Whether NATS answers now.
@@ -507,12 +584,7 @@ impl EventBus for JetStreamBus {
             num_replicas: self.consumer_replicas,
             ..Default::default()
         };
-        tokio::time::timeout(API_TIMEOUT, async {
-            let stream = self.js.get_stream(names::STREAM_TO_HOST).await.map_err(unavailable)?;
-            stream.get_or_create_consumer::<consumer::pull::Config>(&name, config).await.map_err(unavailable)
-        })
-        .await
-        .map_err(unavailable)??;
+        self.get_or_create(names::STREAM_TO_HOST, &name, config).await?;
         let mut known = self.host_consumers.lock().unwrap_or_else(|p| p.into_inner());
         if known.len() >= MAX_CACHED_CONSUMERS {
             known.clear();

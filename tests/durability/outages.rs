@@ -237,3 +237,38 @@ async fn redis_too_slow_add_answers_errno_10_and_changes_nothing() {
     let r = app.gm(&format!("action=add&gm_account={GM}&host={HOST}&uid=1002")).await;
     assert_eq!(r.json(), json!({"res": 1}), "retrying the add");
 }
+
+/// The stream refuses a host's consumer (its consumer limit is reached): the host's polls
+/// answer errno 10, the relay does not ask JetStream again at every poll, and once the
+/// limit is raised the host is served without a restart.
+#[tokio::test]
+async fn a_consumer_the_stream_refuses_is_not_asked_for_at_every_poll() {
+    let app = TestApp::spawn().await;
+    // One consumer exists, so the limit can be set to what there is (0 means no limit).
+    assert_eq!(app.gs("action=receive&host=76").await.errno(), None);
+    let js = app.jetstream().await;
+    let mut stream = js.get_stream("GM_TO_HOST").await.unwrap();
+    let info = stream.info().await.unwrap().clone();
+    let mut full = info.config.clone();
+    full.max_consumers = info.state.consumer_count as i32;
+    assert!(full.max_consumers > 0);
+    js.update_stream(full).await.expect("lower the consumer limit");
+
+    assert_unavailable(&app, "first poll, consumer refused", "/gs?action=receive&host=77").await;
+    let api_calls = || async { js.query_account().await.unwrap().requests.total };
+    let (a, b) = (api_calls().await, api_calls().await);
+    let per_query = b - a;
+    for i in 0..5 {
+        assert_unavailable(&app, &format!("poll {i} within the pause"), "/gs?action=receive&host=77").await;
+    }
+    let c = api_calls().await;
+    assert_eq!(c - b, per_query, "the refused consumer was asked for again within the pause");
+
+    let mut open = info.config.clone();
+    open.max_consumers = 30_000;
+    js.update_stream(open).await.expect("raise the consumer limit");
+    wait_until_async(Duration::from_secs(15), "host 77 is served after the pause", || async {
+        app.gs("action=receive&host=77").await.errno().is_none()
+    })
+    .await;
+}
