@@ -120,6 +120,33 @@ async fn sign_in_sets_a_signed_http_only_cookie_that_any_relay_with_the_key_acce
     assert!(out.set_cookie.unwrap().contains("Max-Age=0"));
 }
 
+/// Signing out ends that session on every relay, not just in this browser: the token,
+/// replayed, is refused, and an open live feed ends at its next session check. Another
+/// session of the same account goes on.
+#[tokio::test]
+async fn signing_out_ends_the_session_everywhere_and_closes_its_live_feed() {
+    let app = spawn_console(&[]).await;
+    let mut c = signed_in(&app, 7, Role::Gm).await;
+    let mut other_tab = ConsoleClient::for_app(&app);
+    assert_eq!(other_tab.sign_in(7, PASSWORD).await.status, 200);
+    let (second, _stop) = second_relay(&app, KEY).await;
+    let mut feed = c.events("/console/api/live", None).await;
+    let replayed = c.with_base(&app.base_url());
+
+    let out = c.post("/console/api/signout", json!({})).await;
+    assert_eq!(out.status, 204);
+    assert!(out.set_cookie.unwrap().contains("Max-Age=0"));
+    c.cookie = None;
+    assert_eq!(replayed.get("/console/api/me").await.status, 401);
+    assert_eq!(replayed.with_base(&second).get("/console/api/me").await.status, 401);
+    assert_eq!(other_tab.get("/console/api/me").await.status, 200, "only that session ends");
+
+    let started = std::time::Instant::now();
+    let ended = feed.next_or_end(Duration::from_secs(30)).await;
+    assert!(ended.is_none(), "the feed of a signed-out session sent {ended:?}");
+    eprintln!("live feed ended {:?} after the sign-out", started.elapsed());
+}
+
 #[tokio::test]
 async fn failed_sign_ins_are_limited_per_account_and_per_ip() {
     // Trusting loopback as a proxy lets the test speak from many client IPs.

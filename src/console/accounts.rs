@@ -180,6 +180,8 @@ impl SignIn {
             role: credentials.role,
             ver: credentials.ver,
             expires: now_ms() / 1000 + SESSION_TTL_S,
+            // The low 64 bits of a UUIDv7 (random, counter-ordered): unique per sign-in.
+            id: uuid::Uuid::now_v7().as_u128() as u64,
         };
         tracing::info!(%gm, role = credentials.role.as_str(), "console sign-in");
         Ok((session, self.key.sign(&session)))

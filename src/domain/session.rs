@@ -2,11 +2,13 @@
 //! cookie as a signed token, so any relay that shares `GM_RELAY_SESSION_KEY` accepts it
 //! without asking another relay or keeping session state anywhere.
 //!
-//! Token: `v1.<gm>.<role>.<ver>.<expires>.<mac>`, where `mac` is the unpadded URL-safe
+//! Token: `v2.<gm>.<role>.<ver>.<expires>.<id>.<mac>`, where `mac` is the unpadded URL-safe
 //! base64 of HMAC-SHA256(key, everything before the last dot). Every field is ASCII and
 //! none may contain a dot (ids are canonical decimals), so the split is unambiguous.
 //! `ver` is the account's credential version: setting a new password bumps it, which ends
 //! every session signed before (the relay compares it with the store on each request).
+//! `id` is random per sign-in, so two sign-ins of one account within a second are two
+//! sessions, and signing out of one (remembered by its `mac`) leaves the other.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -25,7 +27,7 @@ pub const SESSION_TTL_S: i64 = 12 * 3600;
 /// Longest token accepted before any parsing: a maximal one is about 100 bytes.
 const MAX_TOKEN_LEN: usize = 256;
 
-const TOKEN_VERSION: &str = "v1";
+const TOKEN_VERSION: &str = "v2";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -66,6 +68,8 @@ pub struct Session {
     pub ver: u64,
     /// Seconds since the Unix epoch.
     pub expires: i64,
+    /// Unique per sign-in.
+    pub id: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -107,11 +111,12 @@ impl SessionKey {
     /// A token for `session`.
     pub fn sign(&self, session: &Session) -> String {
         let body = format!(
-            "{TOKEN_VERSION}.{}.{}.{}.{}",
+            "{TOKEN_VERSION}.{}.{}.{}.{}.{}",
             session.gm,
             session.role.as_str(),
             session.ver,
-            session.expires
+            session.expires,
+            session.id
         );
         let mut mac = self.mac();
         mac.update(body.as_bytes());
@@ -129,7 +134,7 @@ impl SessionKey {
         mac.update(body.as_bytes());
         mac.verify_slice(&sig).map_err(|_| SessionError::BadSignature)?;
         let fields: Vec<&str> = body.split('.').collect();
-        let [version, gm, role, ver, expires] = fields.as_slice() else {
+        let [version, gm, role, ver, expires, id] = fields.as_slice() else {
             return Err(SessionError::Malformed);
         };
         if *version != TOKEN_VERSION {
@@ -140,6 +145,7 @@ impl SessionKey {
             role: Role::parse(role).ok_or(SessionError::Malformed)?,
             ver: ver.parse().map_err(|_| SessionError::Malformed)?,
             expires: expires.parse().map_err(|_| SessionError::Malformed)?,
+            id: id.parse().map_err(|_| SessionError::Malformed)?,
         };
         if session.expires <= now {
             return Err(SessionError::Expired);
@@ -157,13 +163,13 @@ mod tests {
     }
 
     fn session() -> Session {
-        Session { gm: GmId(7), role: Role::Supervisor, ver: 3, expires: 2_000 }
+        Session { gm: GmId(7), role: Role::Supervisor, ver: 3, expires: 2_000, id: 42 }
     }
 
     #[test]
     fn round_trip_and_expiry() {
         let token = key(1).sign(&session());
-        assert!(token.starts_with("v1.7.supervisor.3.2000."), "{token}");
+        assert!(token.starts_with("v2.7.supervisor.3.2000.42."), "{token}");
         assert_eq!(key(1).verify(&token, 1_999), Ok(session()));
         assert_eq!(key(1).verify(&token, 2_000), Err(SessionError::Expired));
     }
@@ -172,12 +178,14 @@ mod tests {
     fn another_key_or_a_changed_field_is_refused() {
         let token = key(1).sign(&session());
         assert_eq!(key(2).verify(&token, 0), Err(SessionError::BadSignature));
-        let forged = token.replacen("v1.7.", "v1.8.", 1);
+        let forged = token.replacen("v2.7.", "v2.8.", 1);
         assert_eq!(key(1).verify(&forged, 0), Err(SessionError::BadSignature));
         let promoted =
             key(1).sign(&Session { role: Role::Gm, ..session() }).replacen(".gm.", ".supervisor.", 1);
         assert_eq!(key(1).verify(&promoted, 0), Err(SessionError::BadSignature));
-        for junk in ["", "v1", "a.b", &"x".repeat(300), "v1.7.gm.1.5.!!!"] {
+        let other_sign_in = key(1).sign(&Session { id: 43, ..session() });
+        assert_ne!(other_sign_in, token, "two sign-ins are two sessions");
+        for junk in ["", "v2", "a.b", &"x".repeat(300), "v2.7.gm.1.5.1.!!!"] {
             assert!(key(1).verify(junk, 0).is_err(), "{junk:?}");
         }
     }

@@ -43,6 +43,11 @@ mod keys {
     }
 
     pub const ONLINE: &str = "gmr:gm_online";
+
+    /// A signed-out session, by its token's signature.
+    pub fn signed_out(mac: &str) -> String {
+        format!("{PREFIX}signed_out:{mac}")
+    }
 }
 
 /// KEYS: password hash. ARGV: PHC string, role. Returns the new credential version.
@@ -152,11 +157,33 @@ impl RedisStore {
         })
     }
 
-    /// The account's role and credential version, to check a session on every request.
-    pub async fn credential_version(&self, gm: GmId) -> Result<Option<(Role, u64)>, RelayError> {
-        let (role, ver): (Option<String>, Option<u64>) =
-            self.cmd(redis::cmd("HMGET").arg(keys::password(gm)).arg("role").arg("ver")).await?;
-        Ok(role.as_deref().and_then(Role::parse).zip(ver))
+    /// The account's role and credential version, and whether the session whose token has
+    /// the signature `mac` was signed out: what every console request checks, in one round
+    /// trip.
+    pub async fn session_state(
+        &self,
+        gm: GmId,
+        mac: &str,
+    ) -> Result<(Option<(Role, u64)>, bool), RelayError> {
+        let ((role, ver), signed_out): ((Option<String>, Option<u64>), bool) = self
+            .query(
+                redis::pipe()
+                    .cmd("HMGET")
+                    .arg(keys::password(gm))
+                    .arg("role")
+                    .arg("ver")
+                    .cmd("EXISTS")
+                    .arg(keys::signed_out(mac)),
+            )
+            .await?;
+        Ok((role.as_deref().and_then(Role::parse).zip(ver), signed_out))
+    }
+
+    /// Ends the session whose token has the signature `mac`, on every relay; the mark
+    /// lasts as long as the token would (`ttl`), then the token is expired anyway.
+    pub async fn sign_out(&self, mac: &str, ttl: Duration) -> Result<(), RelayError> {
+        self.cmd(redis::cmd("SET").arg(keys::signed_out(mac)).arg(1).arg("EX").arg(ttl.as_secs().max(1)))
+            .await
     }
 
     /// Failed sign-ins within the current window: (for this account, from this IP).

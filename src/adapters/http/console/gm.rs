@@ -19,7 +19,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiError, ApiSession};
+use super::{cookie_token, still_signed_in, ApiError, ApiSession};
 use crate::console::Console;
 use crate::domain::text::encode_base64;
 use crate::domain::{HostId, Uid};
@@ -33,6 +33,10 @@ pub(super) const FEED_RETRY: Duration = Duration::from_secs(1);
 
 /// Consecutive errors a live feed rides out before it ends (and the page reconnects).
 const MAX_FEED_ERRORS: usize = 5;
+
+/// How often an open feed checks that its session still stands (not signed out, password
+/// unchanged, not expired): a signed-out or disabled account stops receiving within this.
+pub(super) const FEED_SESSION_RECHECK: Duration = Duration::from_secs(15);
 
 /// A feed as a response: also tells nginx not to buffer it (else events would wait in
 /// the proxy's buffer instead of reaching the page).
@@ -181,11 +185,16 @@ pub async fn live(
         .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many live feeds; retrying"))?;
     let feed = console.relay().bus().gm_feed(session.gm, after).await?;
     let closing = console.closing();
+    let token = cookie_token(&headers).unwrap_or_default().to_owned();
+    let recheck =
+        tokio::time::interval_at(tokio::time::Instant::now() + FEED_SESSION_RECHECK, FEED_SESSION_RECHECK);
     let first = futures::stream::once(async {
         Ok::<_, Infallible>(Event::default().retry(FEED_RETRY).comment("live"))
     });
-    let state = (Box::pin(feed), closing, slot, 0usize);
-    let events = futures::stream::unfold(state, |(mut feed, mut closing, slot, mut errors)| async move {
+    let state = (Box::pin(feed), closing, slot, 0usize, recheck, console, token);
+    let gm = session.gm;
+    let events = futures::stream::unfold(state, move |state| async move {
+        let (mut feed, mut closing, slot, mut errors, mut recheck, console, token) = state;
         loop {
             if *closing.borrow() {
                 return None;
@@ -193,6 +202,13 @@ pub async fn live(
             let next = tokio::select! {
                 next = feed.next() => next,
                 _ = closing.changed() => None,
+                _ = recheck.tick() => {
+                    if still_signed_in(&console, &token).await {
+                        continue;
+                    }
+                    tracing::info!(%gm, "live feed ended: its session is over");
+                    return None;
+                }
             };
             match next {
                 Some(Ok(m)) => {
@@ -201,7 +217,10 @@ pub async fn live(
                         "text": m.event.text, "ts": m.event.ts,
                     });
                     let event = Event::default().id(m.seq.to_string()).event("chat").data(data.to_string());
-                    return Some((Ok::<_, Infallible>(event), (feed, closing, slot, 0)));
+                    return Some((
+                        Ok::<_, Infallible>(event),
+                        (feed, closing, slot, 0, recheck, console, token),
+                    ));
                 }
                 // The ordered consumer recreates itself after a hiccup (a missed heartbeat,
                 // a reconnect) and goes on from where it was; only a run of failures ends

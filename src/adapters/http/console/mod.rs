@@ -14,6 +14,7 @@ mod ops;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts};
 use axum::http::request::Parts;
@@ -139,18 +140,33 @@ enum NotSignedIn {
 }
 
 /// Checks the cookie's signature and expiry, then that the account still has the
-/// credential version and role the session was signed for.
+/// credential version and role the session was signed for and that it was not signed out.
 async fn authenticate(console: &Console, headers: &HeaderMap) -> Result<Session, NotSignedIn> {
-    let token = cookie_token(headers).ok_or(NotSignedIn::NoSession)?;
+    check_token(console, cookie_token(headers).ok_or(NotSignedIn::NoSession)?).await
+}
+
+async fn check_token(console: &Console, token: &str) -> Result<Session, NotSignedIn> {
     let session = console.signin().key().verify(token, now_ms() / 1000).map_err(|_| NotSignedIn::Invalid)?;
-    match console.relay().store().credential_version(session.gm).await {
-        Ok(Some((role, ver))) if role == session.role && ver == session.ver => Ok(session),
+    match console.relay().store().session_state(session.gm, token_mac(token)).await {
+        Ok((Some((role, ver)), false)) if role == session.role && ver == session.ver => Ok(session),
         Ok(_) => Err(NotSignedIn::Invalid),
         Err(e) => {
             tracing::error!(error = %e, "cannot check a console session");
             Err(NotSignedIn::Unavailable)
         }
     }
+}
+
+/// Whether the session of a long-lived response (a live feed) still stands; a feed whose
+/// session ended, was signed out or lost its password ends too. While sessions cannot be
+/// checked (Redis away) the feed goes on: it carries nothing the session could not see.
+async fn still_signed_in(console: &Console, token: &str) -> bool {
+    !matches!(check_token(console, token).await, Err(NotSignedIn::NoSession | NotSignedIn::Invalid))
+}
+
+/// The signature part of a token: what a sign-out is remembered by.
+fn token_mac(token: &str) -> &str {
+    token.rsplit('.').next().unwrap_or(token)
 }
 
 /// A signed-in API caller; others get 401 (503 when sessions cannot be checked).
@@ -252,8 +268,30 @@ async fn sign_in(
     }
 }
 
-async fn sign_out(headers: HeaderMap) -> Response {
-    (StatusCode::NO_CONTENT, [(header::SET_COOKIE, session_cookie(None, &headers))]).into_response()
+/// Ends the session on every relay (until its token would have expired) and deletes the
+/// cookie. The cookie is deleted even when the sign-out cannot be recorded (503).
+async fn sign_out(
+    axum::extract::State(console): axum::extract::State<Arc<Console>>,
+    headers: HeaderMap,
+) -> Response {
+    let clear = [(header::SET_COOKIE, session_cookie(None, &headers))];
+    let now = now_ms() / 1000;
+    let Some((token, session)) =
+        cookie_token(&headers).and_then(|t| Some((t, console.signin().key().verify(t, now).ok()?)))
+    else {
+        return (StatusCode::NO_CONTENT, clear).into_response();
+    };
+    let ttl = Duration::from_secs(session.expires.saturating_sub(now).max(1) as u64);
+    match console.relay().store().sign_out(token_mac(token), ttl).await {
+        Ok(()) => (StatusCode::NO_CONTENT, clear).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, gm = %session.gm, "cannot record a console sign-out");
+            let mut r = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sign-out not recorded; try again")
+                .into_response();
+            r.headers_mut().insert(header::SET_COOKIE, session_cookie(None, &headers));
+            r
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,15 +4,16 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::gm::{feed_response, FEED_KEEP_ALIVE, FEED_RETRY};
-use super::{ApiError, SupervisorSession};
+use super::gm::{feed_response, FEED_KEEP_ALIVE, FEED_RETRY, FEED_SESSION_RECHECK};
+use super::{cookie_token, still_signed_in, ApiError, SupervisorSession};
 use crate::console::monitor::REFRESH_PERIOD;
 use crate::console::Console;
 
@@ -29,6 +30,7 @@ pub async fn snapshot(
 pub async fn live(
     State(console): State<Arc<Console>>,
     SupervisorSession(_): SupervisorSession,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let slot = console
         .live_feed_slot()
@@ -36,9 +38,11 @@ pub async fn live(
     console.monitor().watch();
     let figures = console.monitor().subscribe();
     let closing = console.closing();
-    let state = (console, figures, closing, slot, true);
-    let events =
-        futures::stream::unfold(state, |(console, mut figures, mut closing, slot, first)| async move {
+    let token = cookie_token(&headers).unwrap_or_default().to_owned();
+    let state = (console, figures, closing, slot, true, (token, Instant::now()));
+    let events = futures::stream::unfold(
+        state,
+        |(console, mut figures, mut closing, slot, first, mut session)| async move {
             if !first {
                 let mut keep_watching = tokio::time::interval(REFRESH_PERIOD);
                 loop {
@@ -57,13 +61,22 @@ pub async fn live(
             if *closing.borrow() {
                 return None;
             }
+            // The session is looked at again before an event, at most every recheck period.
+            if session.1.elapsed() >= FEED_SESSION_RECHECK {
+                if !still_signed_in(&console, &session.0).await {
+                    tracing::info!("dashboard feed ended: its session is over");
+                    return None;
+                }
+                session.1 = Instant::now();
+            }
             let snapshot = figures.borrow_and_update().clone();
             let data = serde_json::to_string(&*snapshot).unwrap_or_else(|_| "{}".into());
             let mut event = Event::default().event("figures").data(data);
             if first {
                 event = event.retry(FEED_RETRY);
             }
-            Some((Ok::<_, Infallible>(event), (console, figures, closing, slot, false)))
-        });
+            Some((Ok::<_, Infallible>(event), (console, figures, closing, slot, false, session)))
+        },
+    );
     Ok(feed_response(Sse::new(events).keep_alive(KeepAlive::new().interval(FEED_KEEP_ALIVE))))
 }
