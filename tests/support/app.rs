@@ -23,6 +23,9 @@ pub const RELAY_DEADLINE: Duration = Duration::from_secs(20);
 /// Bound on one test HTTP request; polls and sends answer in milliseconds normally.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The chat of one host or one GM in a receive reply: `[(uid, [texts])]`, texts decoded.
+pub type ChatEntries = Vec<(String, Vec<String>)>;
+
 /// A legacy reply as the client sees it.
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -58,6 +61,40 @@ impl Reply {
         let raw = STANDARD.decode(b64).expect("field is base64");
         serde_json::from_slice(&raw).expect("field holds JSON")
     }
+
+    /// Reads a response whole.
+    pub async fn read(resp: reqwest::Response) -> Result<Reply, reqwest::Error> {
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap_or("").to_owned())
+            .unwrap_or_default();
+        let body = resp.bytes().await?.to_vec();
+        Ok(Reply { status, content_type, body })
+    }
+
+    /// The entries of a GS `receive` reply: `[(uid, [texts])]`, texts decoded.
+    pub fn host_chat(&self) -> ChatEntries {
+        self.b64_json("data").as_array().expect("data is a list").iter().map(chat_entry).collect()
+    }
+
+    /// The entries of a GM `receive` reply: `[(gm, [(uid, [texts])])]`, texts decoded.
+    pub fn gm_chat(&self) -> Vec<(String, ChatEntries)> {
+        self.b64_json("data")
+            .as_object()
+            .expect("data is an object")
+            .iter()
+            .map(|(gm, entries)| {
+                (gm.clone(), entries.as_array().expect("a list per GM").iter().map(chat_entry).collect())
+            })
+            .collect()
+    }
+}
+
+/// `{"uid": .., "msg": ..}` of a receive reply, the texts decoded.
+fn chat_entry(e: &serde_json::Value) -> (String, Vec<String>) {
+    (e["uid"].as_str().expect("uid string").to_owned(), decode_joined(e["msg"].as_str().expect("msg string")))
 }
 
 pub fn b64(text: &str) -> String {
@@ -252,14 +289,7 @@ impl TestApp {
             req = req.header(*k, *v);
         }
         let resp = req.send().await.unwrap_or_else(|e| panic!("GET {path_and_query}: {e}"));
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap_or("").to_owned())
-            .unwrap_or_default();
-        let body = resp.bytes().await.expect("body").to_vec();
-        Reply { status, content_type, body }
+        Reply::read(resp).await.expect("body")
     }
 
     pub async fn get(&self, path_and_query: &str) -> Reply {
@@ -302,36 +332,14 @@ impl TestApp {
     pub async fn gs_receive(&self, host: i64) -> Vec<(String, Vec<String>)> {
         let r = self.gs(&format!("action=receive&host={host}")).await;
         assert_eq!(r.res(), 1, "{}", r.text());
-        r.b64_json("data")
-            .as_array()
-            .expect("data is a list")
-            .iter()
-            .map(|e| {
-                (e["uid"].as_str().expect("uid string").to_owned(), decode_joined(e["msg"].as_str().unwrap()))
-            })
-            .collect()
+        r.host_chat()
     }
 
     /// GM `receive`: `{gm: [(uid, [texts])]}`.
     pub async fn gm_receive(&self) -> HashMap<String, Vec<(String, Vec<String>)>> {
         let r = self.gm("action=receive").await;
         assert_eq!(r.res(), 1, "{}", r.text());
-        r.b64_json("data")
-            .as_object()
-            .expect("data is an object")
-            .iter()
-            .map(|(gm, entries)| {
-                let entries = entries
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|e| {
-                        (e["uid"].as_str().unwrap().to_owned(), decode_joined(e["msg"].as_str().unwrap()))
-                    })
-                    .collect();
-                (gm.clone(), entries)
-            })
-            .collect()
+        r.gm_chat().into_iter().collect()
     }
 
     /// GS `relation` for `host`: (apply `{uid: [gm, name]}`, remove `[uid]`).

@@ -17,7 +17,7 @@ use gm_relay::startup::Application;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::app::{b64, decode_joined, enc, Reply};
+use super::app::{b64, enc, Reply};
 use super::wait_until_async;
 
 /// Bound on a relay starting or stopping.
@@ -172,15 +172,7 @@ impl Legacy {
 
     /// GET `path?query`; `Err` on a connection error or timeout.
     pub async fn try_get(&self, path_and_query: &str) -> Result<Reply, reqwest::Error> {
-        let resp = self.http.get(format!("{}{path_and_query}", self.base)).send().await?;
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap_or("").to_owned())
-            .unwrap_or_default();
-        let body = resp.bytes().await?.to_vec();
-        Ok(Reply { status, content_type, body })
+        Reply::read(self.http.get(format!("{}{path_and_query}", self.base)).send().await?).await
     }
 
     pub async fn get(&self, path_and_query: &str) -> Reply {
@@ -227,14 +219,7 @@ impl Legacy {
         if r.status != 200 || r.res() != 1 {
             return Err(r.text());
         }
-        Ok(r.b64_json("data")
-            .as_array()
-            .expect("data is a list")
-            .iter()
-            .map(|e| {
-                (e["uid"].as_str().expect("uid").to_owned(), decode_joined(e["msg"].as_str().expect("msg")))
-            })
-            .collect())
+        Ok(r.host_chat())
     }
 
     /// GM `receive`: `[(gm, uid, [texts])]`; `Err` when the request failed.
@@ -243,17 +228,10 @@ impl Legacy {
         if r.status != 200 || r.res() != 1 {
             return Err(r.text());
         }
-        let mut out = Vec::new();
-        for (gm, entries) in r.b64_json("data").as_object().expect("data is an object") {
-            for e in entries.as_array().expect("a list per GM") {
-                out.push((
-                    gm.clone(),
-                    e["uid"].as_str().expect("uid").to_owned(),
-                    decode_joined(e["msg"].as_str().expect("msg")),
-                ));
-            }
-        }
-        Ok(out)
+        Ok(r.gm_chat()
+            .into_iter()
+            .flat_map(|(gm, entries)| entries.into_iter().map(move |(uid, texts)| (gm.clone(), uid, texts)))
+            .collect())
     }
 
     /// GS `relation` for `host`: (apply `{uid: [gm, name]}`, remove `[uid]`).
