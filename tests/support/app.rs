@@ -487,16 +487,10 @@ impl TestApp {
 
     /// A GET with its own timeout: `Err` when it does not answer in time (a hang).
     pub async fn try_get(&self, path_and_query: &str, timeout: Duration) -> Result<Reply, reqwest::Error> {
-        let resp =
-            self.http.get(format!("{}{path_and_query}", self.base_url())).timeout(timeout).send().await?;
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap_or("").to_owned())
-            .unwrap_or_default();
-        let body = resp.bytes().await?.to_vec();
-        Ok(Reply { status, content_type, body })
+        Reply::read(
+            self.http.get(format!("{}{path_and_query}", self.base_url())).timeout(timeout).send().await?,
+        )
+        .await
     }
 
     /// Whether the relay process started by [`TestApp::start_process`] still runs.
