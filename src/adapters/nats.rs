@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
+use async_nats::jetstream::stream::{ConsumerCreateStrictErrorKind, ConsumerError, ConsumerErrorKind};
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -338,17 +338,34 @@ impl JetStreamBus {
             matches!(e.kind(), ConsumerErrorKind::JetStream(j)
                 if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND)
         };
+        // Only a definite refusal by the server (a limit, a bad configuration) is
+        // remembered; a timeout, a missing responder or a 503 ("temporarily unavailable")
+        // during a leader election is worth asking again at the next poll.
+        let definite = |e: Option<&jetstream::Error>| e.is_some_and(|j| j.code() != 503);
         let result = tokio::time::timeout(API_TIMEOUT, async {
             match self.js.get_consumer_from_stream(name, stream).await {
                 Ok(c) => Ok(c),
                 Err(e) if not_found(&e) => {
                     match self.js.create_consumer_strict_on_stream(config, stream).await {
                         Ok(c) => Ok(c),
-                        // Another relay created it meanwhile, perhaps with another configuration.
-                        Err(_) => self.js.get_consumer_from_stream(name, stream).await,
+                        // Another relay may have created it meanwhile, perhaps with another
+                        // configuration; if not, the creation's own error says why.
+                        Err(refused) => self.js.get_consumer_from_stream(name, stream).await.map_err(|_| {
+                            let server = match refused.kind() {
+                                ConsumerCreateStrictErrorKind::JetStream(j) => Some(j),
+                                _ => None,
+                            };
+                            (definite(server.as_ref()), unavailable(refused))
+                        }),
                     }
                 }
-                Err(e) => Err(e),
+                Err(e) => {
+                    let server = match e.kind() {
+                        ConsumerErrorKind::JetStream(j) => Some(j),
+                        _ => None,
+                    };
+                    Err((definite(server.as_ref()), unavailable(e)))
+                }
             }
         })
         .await;
@@ -358,14 +375,11 @@ impl JetStreamBus {
                 failed.remove(name);
                 Ok(c)
             }
-            Ok(Err(e)) => {
-                // Only a definite refusal by the server (a limit, a bad configuration) is
-                // remembered; a timeout, a missing responder or a 503 ("temporarily
-                // unavailable") during a leader election is worth asking again next poll.
-                if matches!(e.kind(), ConsumerErrorKind::JetStream(j) if j.code() != 503) {
+            Ok(Err((remember, e))) => {
+                if remember {
                     remember_failure(&mut failed, name);
                 }
-                Err(unavailable(e))
+                Err(e)
             }
             Err(e) => Err(unavailable(e)),
         }
