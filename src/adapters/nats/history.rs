@@ -73,14 +73,15 @@ impl HistoryWriter {
 
     /// Queues a copy; waits only while the queue is full.
     pub async fn record(&self, copy: Copy) {
-        let id = copy.id.clone();
         if let Err(e) = self.jobs.send_timeout(Job::Copy(copy), ENQUEUE_TIMEOUT).await {
             self.metrics.history_lost.inc();
-            let reason = match e {
-                mpsc::error::SendTimeoutError::Timeout(_) => "the history writer is behind",
-                mpsc::error::SendTimeoutError::Closed(_) => "the history writer stopped",
+            let (reason, job) = match e {
+                mpsc::error::SendTimeoutError::Timeout(job) => ("the history writer is behind", job),
+                mpsc::error::SendTimeoutError::Closed(job) => ("the history writer stopped", job),
             };
-            tracing::error!(%id, reason, "chat message delivered but not recorded in the console history");
+            if let Job::Copy(copy) = job {
+                tracing::error!(id = %copy.id, reason, "chat message delivered but not recorded in the console history");
+            }
         }
     }
 
