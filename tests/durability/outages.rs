@@ -272,3 +272,28 @@ async fn a_consumer_the_stream_refuses_is_not_asked_for_at_every_poll() {
     })
     .await;
 }
+
+/// NATS dies right after a burst of sends was answered, while their history copies are
+/// still being written behind them: the writer keeps the copies and writes them once NATS
+/// is back, each once.
+#[tokio::test]
+async fn history_copies_survive_a_nats_restart_behind_the_sends() {
+    use gm_relay::domain::ports::{EventBus, Route};
+    use gm_relay::domain::{Envelope, GmId, HostId, Uid};
+    const SENDS: usize = 3000;
+    let mut app = TestApp::spawn().await;
+    let relay = app.relay();
+    let bus = relay.bus();
+    let sends = (0..SENDS).map(|i| async move {
+        let event = Envelope::chat(format!("nats-restart-{i}"), HostId(3), Uid(1001), GmId(GM), "x", 0);
+        bus.publish_chat(Route::ToGm(GmId(GM)), &event).await.expect("delivered");
+    });
+    futures::future::join_all(sends).await;
+    app.nats.restart();
+    assert!(bus.flush_history(Duration::from_secs(30)).await, "the writer did not finish");
+    let js = app.jetstream().await;
+    let mut history = js.get_stream("GM_HISTORY").await.unwrap();
+    assert_eq!(history.info().await.unwrap().state.messages, SENDS as u64);
+    let metrics = app.get("/metrics").await.text();
+    assert!(metrics.contains("gm_relay_history_lost_total 0"), "{metrics}");
+}

@@ -3,9 +3,9 @@
 //! A chat send answers once its delivery is acknowledged; the copy is handed to this
 //! writer and written behind it. One task takes the queued copies in batches, publishes a
 //! whole batch before awaiting its PubAcks (one round trip per batch, not per message) and
-//! sends a failed copy once more with the same `Nats-Msg-Id`. A reader that must see its
-//! own writes (the console's history pages and unread counts) first waits for a
-//! [`HistoryWriter::flush`], which resolves once everything queued before it is written.
+//! sends failed copies again, with the same `Nats-Msg-Id`, for up to 15 s. A reader that
+//! must see its own writes (the console's history pages and unread counts) first waits for
+//! a [`HistoryWriter::flush`], which resolves once everything queued before it is written.
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -35,9 +35,14 @@ const ENQUEUE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Bound on one attempt at a batch: sending it and receiving its PubAcks.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(750);
 
-/// Attempts per copy; each resend keeps the event id as `Nats-Msg-Id`, so a copy whose
-/// first PubAck was lost is still stored once.
-const ATTEMPTS: usize = 2;
+/// How long the writer keeps trying the failed copies of a batch before giving them up:
+/// long enough to ride out a stream leader election or a NATS restart (pauses of 4–13 s
+/// in `tests/failover.rs`); meanwhile new copies wait in the queue. Each resend keeps the
+/// event id as `Nats-Msg-Id`, so a copy whose PubAck was lost is still stored once.
+const RETRY_WINDOW: Duration = Duration::from_secs(15);
+
+/// Pause between attempts at a batch's failed copies.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 /// Ids named in the log line of a batch with lost copies (the count is always complete).
 const LOGGED_IDS: usize = 5;
@@ -128,36 +133,43 @@ async fn run(
     }
 }
 
-/// Writes a batch; returns the copies given up, each with its last error.
+/// Writes a batch, retrying what fails for [`RETRY_WINDOW`]; returns the copies given
+/// up, each with its last error.
 async fn write(
     client: &async_nats::Client,
     js: &jetstream::Context,
     copies: Vec<Copy>,
 ) -> Vec<(Copy, String)> {
+    let give_up = tokio::time::Instant::now() + RETRY_WINDOW;
     let mut pending: Vec<(Copy, String)> = copies.into_iter().map(|c| (c, String::new())).collect();
-    for _ in 0..ATTEMPTS {
-        if pending.is_empty() {
-            break;
-        }
-        if let Err(state) = connected(client) {
-            // A publish would sit in the client's buffer and be sent on reconnect, after
-            // this batch was reported lost; the outage is logged once per batch anyway.
-            for (_, error) in &mut pending {
-                *error = state.clone();
+    loop {
+        match connected(client) {
+            // A publish now would wait in the client's buffer with no bound of ours; the
+            // copies are sent once the connection is back.
+            Err(state) => {
+                for (_, error) in &mut pending {
+                    error.clone_from(&state);
+                }
             }
-            break;
+            Ok(()) => {
+                let results = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(js, &pending)).await;
+                pending = match results {
+                    Ok(results) => pending
+                        .into_iter()
+                        .zip(results)
+                        .filter_map(|((copy, _), result)| result.err().map(|e| (copy, e)))
+                        .collect(),
+                    Err(_) => {
+                        pending.into_iter().map(|(copy, _)| (copy, "no PubAck in time".to_owned())).collect()
+                    }
+                };
+            }
         }
-        let results = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(js, &pending)).await;
-        pending = match results {
-            Ok(results) => pending
-                .into_iter()
-                .zip(results)
-                .filter_map(|((copy, _), result)| result.err().map(|e| (copy, e)))
-                .collect(),
-            Err(_) => pending.into_iter().map(|(copy, _)| (copy, "no PubAck in time".to_owned())).collect(),
-        };
+        if pending.is_empty() || tokio::time::Instant::now() + RETRY_PAUSE >= give_up {
+            return pending;
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
     }
-    pending
 }
 
 /// Publishes every copy, then awaits all PubAcks; one result per copy, in order.
