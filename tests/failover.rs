@@ -105,6 +105,10 @@ struct Traffic {
     nats: async_nats::Client,
     ledger: Mutex<Ledger>,
     stop: AtomicBool,
+    /// Set once every sender has returned, so no acknowledgement can still be recorded:
+    /// a poller that found everything delivered before that could miss a send that was in
+    /// flight when `stop` was set.
+    senders_done: AtomicBool,
     /// Pollers hold it shared during a poll; the test takes it to kill a relay between polls.
     poll_gate: RwLock<()>,
 }
@@ -215,7 +219,7 @@ impl Traffic {
         let mut pace = tokio::time::interval(PACE);
         for n in 0.. {
             pace.tick().await;
-            if self.stop.load(Ordering::SeqCst) && self.all_delivered(feed) {
+            if self.senders_done.load(Ordering::SeqCst) && self.all_delivered(feed) {
                 return;
             }
             let gate = self.poll_gate.read().await;
@@ -314,17 +318,20 @@ async fn killing_the_stream_leader_and_a_relay_pauses_traffic_briefly_and_loses_
         nats: nats.clone(),
         ledger: Mutex::default(),
         stop: AtomicBool::new(false),
+        senders_done: AtomicBool::new(false),
         poll_gate: RwLock::new(()),
     });
-    let mut tasks = Vec::new();
+    let mut senders = Vec::new();
     for uid in LEGACY_UIDS {
-        tasks.push(tokio::spawn(Arc::clone(&traffic).legacy_sender(uid)));
+        senders.push(tokio::spawn(Arc::clone(&traffic).legacy_sender(uid)));
     }
     for uid in NATIVE_UIDS {
-        tasks.push(tokio::spawn(Arc::clone(&traffic).native_sender(uid)));
+        senders.push(tokio::spawn(Arc::clone(&traffic).native_sender(uid)));
     }
-    tasks.push(tokio::spawn(Arc::clone(&traffic).poller(Kind::Legacy)));
-    tasks.push(tokio::spawn(Arc::clone(&traffic).poller(Kind::Native)));
+    let pollers = vec![
+        tokio::spawn(Arc::clone(&traffic).poller(Kind::Legacy)),
+        tokio::spawn(Arc::clone(&traffic).poller(Kind::Native)),
+    ];
 
     let phase = |since: Instant, what: &'static str| {
         let traffic = Arc::clone(&traffic);
@@ -377,7 +384,10 @@ async fn killing_the_stream_leader_and_a_relay_pauses_traffic_briefly_and_loses_
 
     // 3. Stop sending; every acknowledged text must arrive.
     traffic.stop.store(true, Ordering::SeqCst);
-    let drained = tokio::time::timeout(DELIVERY_DEADLINE, join_all(tasks)).await;
+    let senders = tokio::time::timeout(PHASE_DEADLINE, join_all(senders)).await.expect("senders stop");
+    senders.into_iter().for_each(|r| r.expect("sender did not panic"));
+    traffic.senders_done.store(true, Ordering::SeqCst);
+    let drained = tokio::time::timeout(DELIVERY_DEADLINE, join_all(pollers)).await;
     let missing: Vec<String> = {
         let ledger = traffic.ledger.lock().unwrap();
         ledger
