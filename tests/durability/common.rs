@@ -1,13 +1,13 @@
 //! Helpers shared by the durability tests: draining legacy feeds and checking that nothing
 //! is left behind that could still be redelivered.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::support::app::{consumer_backlog, TestApp};
+use crate::support::app::{consumer_backlog, ChatEntries, TestApp};
 use crate::support::wait_until_async;
 
 /// Generous bound on anything that should happen "soon" (a reconnect, a drain).
@@ -67,6 +67,15 @@ pub async fn drain_host_chat(app: &TestApp, host: i64, want: usize) -> BTreeMap<
     acc
 }
 
+/// Adds a GM poll's messages to what the GMs received so far.
+fn absorb_gm(acc: &mut BTreeMap<(String, String), Vec<String>>, inbox: HashMap<String, ChatEntries>) {
+    for (gm, entries) in inbox {
+        for (uid, msgs) in entries {
+            acc.entry((gm.clone(), uid)).or_default().extend(msgs);
+        }
+    }
+}
+
 /// Polls `GM receive` until `want` messages arrived, then once more, which must be empty.
 /// Returns (gm, uid) → texts in arrival order, over all polls.
 pub async fn drain_gm_chat(app: &TestApp, want: usize) -> BTreeMap<(String, String), Vec<String>> {
@@ -76,11 +85,7 @@ pub async fn drain_gm_chat(app: &TestApp, want: usize) -> BTreeMap<(String, Stri
         async move {
             let inbox = app.gm_receive().await;
             let mut acc = acc.lock().unwrap();
-            for (gm, entries) in inbox {
-                for (uid, msgs) in entries {
-                    acc.entry((gm.clone(), uid)).or_default().extend(msgs);
-                }
-            }
+            absorb_gm(&mut acc, inbox);
             total(&acc) >= want
         }
     })
@@ -117,11 +122,7 @@ pub async fn drain_gm_chat_until(app: &TestApp, last: &str) -> BTreeMap<(String,
         async move {
             let inbox = app.gm_receive().await;
             let mut acc = acc.lock().unwrap();
-            for (gm, entries) in inbox {
-                for (uid, msgs) in entries {
-                    acc.entry((gm.clone(), uid)).or_default().extend(msgs);
-                }
-            }
+            absorb_gm(&mut acc, inbox);
             acc.values().flatten().any(|t| t == last)
         }
     })
