@@ -170,6 +170,19 @@ pub struct LiveQuery {
     after: Option<u64>,
 }
 
+/// What an open live feed holds between two events.
+struct LiveState<F> {
+    feed: std::pin::Pin<Box<F>>,
+    closing: tokio::sync::watch::Receiver<bool>,
+    /// Held for the feed's life: it counts against the open-feed limit.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Consecutive errors of the feed.
+    errors: usize,
+    recheck: tokio::time::Interval,
+    console: Arc<Console>,
+    token: String,
+}
+
 /// New messages from the GM's players, as server-sent events (`event: chat`).
 pub async fn live(
     State(console): State<Arc<Console>>,
@@ -191,19 +204,18 @@ pub async fn live(
     let first = futures::stream::once(async {
         Ok::<_, Infallible>(Event::default().retry(FEED_RETRY).comment("live"))
     });
-    let state = (Box::pin(feed), closing, slot, 0usize, recheck, console, token);
     let gm = session.gm;
-    let events = futures::stream::unfold(state, move |state| async move {
-        let (mut feed, mut closing, slot, mut errors, mut recheck, console, token) = state;
+    let state = LiveState { feed: Box::pin(feed), closing, _slot: slot, errors: 0, recheck, console, token };
+    let events = futures::stream::unfold(state, move |mut s| async move {
         loop {
-            if *closing.borrow() {
+            if *s.closing.borrow() {
                 return None;
             }
             let next = tokio::select! {
-                next = feed.next() => next,
-                _ = closing.changed() => None,
-                _ = recheck.tick() => {
-                    if still_signed_in(&console, &token).await {
+                next = s.feed.next() => next,
+                _ = s.closing.changed() => None,
+                _ = s.recheck.tick() => {
+                    if still_signed_in(&s.console, &s.token).await {
                         continue;
                     }
                     tracing::info!(%gm, "live feed ended: its session is over");
@@ -217,17 +229,15 @@ pub async fn live(
                         "text": m.event.text, "ts": m.event.ts,
                     });
                     let event = Event::default().id(m.seq.to_string()).event("chat").data(data.to_string());
-                    return Some((
-                        Ok::<_, Infallible>(event),
-                        (feed, closing, slot, 0, recheck, console, token),
-                    ));
+                    s.errors = 0;
+                    return Some((Ok::<_, Infallible>(event), s));
                 }
                 // The ordered consumer recreates itself after a hiccup (a missed heartbeat,
                 // a reconnect) and goes on from where it was; only a run of failures ends
                 // the feed, and the browser then reconnects after the last id it saw.
-                Some(Err(e)) if errors < MAX_FEED_ERRORS => {
-                    errors += 1;
-                    tracing::debug!(error = %e, errors, "a console live feed hiccuped");
+                Some(Err(e)) if s.errors < MAX_FEED_ERRORS => {
+                    s.errors += 1;
+                    tracing::debug!(error = %e, errors = s.errors, "a console live feed hiccuped");
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "a console live feed failed; the page will reconnect");
