@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::future::join_all;
-use support::app::stored_events;
+use support::app::{stored_events, wait_poll_leases_released};
 use support::cluster::NatsCluster;
 use support::relays::{base_settings, Legacy, RelayInstance};
 use support::{wait_until_async, RedisServer};
@@ -367,15 +367,8 @@ async fn killing_the_stream_leader_and_a_relay_pauses_traffic_briefly_and_loses_
         let _no_polls = traffic.poll_gate.write().await;
         let mut conn =
             redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-        wait_until_async(Duration::from_secs(5), "the last poll's acks are applied", || {
-            let mut conn = conn.clone();
-            async move {
-                let held: Vec<String> =
-                    redis::cmd("KEYS").arg("gmr:lease:poll:*").query_async(&mut conn).await.expect("KEYS");
-                held.is_empty()
-            }
-        })
-        .await;
+        // The last poll's acks are applied once its lease is released.
+        wait_poll_leases_released(&conn, Duration::from_secs(5)).await;
         let _: () = redis::cmd("PING").query_async(&mut conn).await.expect("Redis answers");
         relays[1].kill();
         Instant::now()

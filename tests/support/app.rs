@@ -473,16 +473,7 @@ impl TestApp {
     /// far has had its acks confirmed by the broker, so killing the relay now repeats
     /// nothing.
     pub async fn wait_polls_settled(&self, deadline: Duration) {
-        let conn = self.redis_conn().await;
-        wait_until_async(deadline, "no poll lease is held", || {
-            let mut conn = conn.clone();
-            async move {
-                let held: Vec<String> =
-                    redis::cmd("KEYS").arg("gmr:lease:poll:*").query_async(&mut conn).await.expect("KEYS");
-                held.is_empty()
-            }
-        })
-        .await;
+        wait_poll_leases_released(&self.redis_conn().await, deadline).await;
     }
 
     /// A GET with its own timeout: `Err` when it does not answer in time (a hang).
@@ -514,4 +505,18 @@ impl TestApp {
         app.start().await;
         app
     }
+}
+
+/// Waits until no relay on this Redis holds a legacy poll's turn (its lease): see
+/// [`TestApp::wait_polls_settled`].
+pub async fn wait_poll_leases_released(conn: &redis::aio::MultiplexedConnection, deadline: Duration) {
+    wait_until_async(deadline, "no poll lease is held", || {
+        let mut conn = conn.clone();
+        async move {
+            let held: Vec<String> =
+                redis::cmd("KEYS").arg("gmr:lease:poll:*").query_async(&mut conn).await.expect("KEYS");
+            held.is_empty()
+        }
+    })
+    .await;
 }
