@@ -1276,8 +1276,13 @@ class Stack:
         self.nats_port = free_port()
         sd = os.path.join(self.tmp, "nats")
         os.makedirs(sd)
-        nats = self.spawn("nats", [os.path.join(REPO, "var/venv/bin/nats-server"), "-a", "127.0.0.1",
-                                   "-p", str(self.nats_port), "-js", "-sd", sd])
+        # Pinned as in the shipped configs: unset, nats-server takes 75% of the free disk,
+        # and the relay's three streams reserve 10 GiB each up front.
+        conf = os.path.join(self.tmp, "nats.conf")
+        with open(conf, "w") as f:
+            f.write("jetstream {\n  max_file_store: 40GB\n}\n")
+        nats = self.spawn("nats", [os.path.join(REPO, "var/venv/bin/nats-server"), "-c", conf,
+                                   "-a", "127.0.0.1", "-p", str(self.nats_port), "-js", "-sd", sd])
         wait_port(self.nats_port, nats, "nats-server")
 
         self.role_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RoleHandler)

@@ -86,7 +86,7 @@ pub enum MigrateError {
     #[error("cannot connect to the relay's Redis at {url}: {source}")]
     Target { url: String, source: redis::RedisError },
     #[error("cannot set up JetStream streams: {0}")]
-    Streams(RelayError),
+    Streams(crate::adapters::nats::StreamSetupError),
     #[error("writing to the relay failed (run the import again; it continues where it stopped): {0}")]
     Write(RelayError),
     #[error("the outbox did not empty within {0:?}; is a relay draining it? run the import again")]

@@ -20,7 +20,6 @@ use crate::adapters::redis::RedisStore;
 use crate::adapters::role::RoleClient;
 use crate::config::Config;
 use crate::domain::rate::RateLimiter;
-use crate::domain::RelayError;
 use crate::metrics::Metrics;
 use crate::relay::{ChatLimits, Relay};
 
@@ -29,7 +28,7 @@ pub enum StartError {
     #[error("cannot connect to NATS at {url}: {source}")]
     Nats { url: String, source: async_nats::ConnectError },
     #[error("cannot set up JetStream streams: {0}")]
-    Streams(RelayError),
+    Streams(crate::adapters::nats::StreamSetupError),
     #[error("cannot connect to Redis at {url}: {source}")]
     Redis { url: String, source: redis::RedisError },
     #[error("cannot listen on {addr}: {source}")]

@@ -63,6 +63,29 @@ fn a_config_file_sets_keys_and_the_environment_wins() {
 }
 
 #[test]
+fn streams_that_do_not_fit_the_store_name_the_settings_to_change() {
+    // JetStream reserves every stream's max_bytes up front: 3 × 10 GiB by default.
+    let nats = support::NatsServer::start_with_config("jetstream {\n    max_file_store: 100MB\n}\n");
+    let url = nats.url();
+    // Port 1: nothing listens, so getting as far as Redis shows the streams were set up.
+    let base = [
+        ("GM_RELAY_LISTEN", "127.0.0.1:0"),
+        ("GM_RELAY_NATS_URL", &url),
+        ("GM_RELAY_REDIS_URL", "redis://127.0.0.1:1"),
+    ];
+
+    let out = serve_with(&base);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("GM_RELAY_RETENTION_MAX_BYTES") && stderr.contains("max_file_store"), "{stderr}");
+
+    let out = serve_with(&[base.as_slice(), &[("GM_RELAY_RETENTION_MAX_BYTES", "16MiB")]].concat());
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot connect to Redis") && !stderr.contains("max_file_store"), "{stderr}");
+}
+
+#[test]
 fn unknown_commands_print_usage() {
     let out = gm_relay(&["nope"], &[]);
     assert_eq!(out.status.code(), Some(2));

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::context::CreateStreamErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{ConsumerCreateStrictErrorKind, ConsumerError, ConsumerErrorKind};
 use async_nats::jetstream::{self, consumer, stream, AckKind};
@@ -189,6 +190,22 @@ pub async fn connect(
         .await
 }
 
+/// Why the streams could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamSetupError {
+    /// JetStream reserves every stream's `max_bytes` up front; the server's
+    /// `max_file_store` (by default 75% of the store directory's free disk) has no room
+    /// left for this one. Retrying does not help, so this is told apart from an outage.
+    #[error(
+        "JetStream has no storage left to reserve {max_bytes} bytes for stream {stream}: \
+         lower GM_RELAY_RETENTION_MAX_BYTES (every stream reserves it) or raise the \
+         server's jetstream max_file_store"
+    )]
+    NoStorage { stream: &'static str, max_bytes: i64 },
+    #[error(transparent)]
+    Unavailable(#[from] RelayError),
+}
+
 /// Stream limits from the settings.
 #[derive(Debug, Clone)]
 pub struct StreamLimits {
@@ -258,7 +275,7 @@ impl JetStreamBus {
     }
 
     /// Creates the streams, or updates their limits, idempotently.
-    pub async fn ensure_streams(&self, limits: &StreamLimits) -> Result<(), RelayError> {
+    pub async fn ensure_streams(&self, limits: &StreamLimits) -> Result<(), StreamSetupError> {
         for (name, subjects) in [
             (names::STREAM_TO_HOST, names::SUBJECTS_TO_HOST),
             (names::STREAM_TO_GM, names::SUBJECTS_TO_GM),
@@ -279,10 +296,19 @@ impl JetStreamBus {
                 allow_direct: name == names::STREAM_HISTORY,
                 ..Default::default()
             };
-            tokio::time::timeout(API_TIMEOUT, self.js.create_or_update_stream(config))
+            let created = tokio::time::timeout(API_TIMEOUT, self.js.create_or_update_stream(config))
                 .await
-                .map_err(unavailable)?
                 .map_err(unavailable)?;
+            match created {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(e.kind(), CreateStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED) =>
+                {
+                    return Err(StreamSetupError::NoStorage { stream: name, max_bytes: limits.max_bytes });
+                }
+                Err(e) => return Err(unavailable(e).into()),
+            }
         }
         Ok(())
     }

@@ -47,6 +47,13 @@ const REDIS_PORT_ATTEMPTS: usize = 5;
 /// What nats-server logs once it accepts clients; the port follows the last `:`.
 const NATS_LISTENING: &str = "Listening for client connections on ";
 
+/// Server-level JetStream bounds for a test server whose config has none. Without a
+/// `max_file_store` nats-server takes 75% of the disk's free space, and JetStream reserves
+/// each stream's `max_bytes` (10 GiB by default, three streams) up front: a runner with
+/// less than 40 GiB free would refuse the relay's streams. The shipped configs pin the
+/// same figure; reservations are bookkeeping, the tests write megabytes.
+const TEST_JETSTREAM_LIMITS: &str = "jetstream {\n    max_file_store: 40GB\n}\n";
+
 // ---------------------------------------------------------------------------------------
 // Waiting
 
@@ -168,8 +175,9 @@ pub struct NatsServer {
     child: Mutex<Option<Child>>,
     port: u16,
     binary: PathBuf,
-    /// `-c` file, when started with a config.
-    config: Option<PathBuf>,
+    /// `-c` file: the caller's config, plus [`TEST_JETSTREAM_LIMITS`] unless it has a
+    /// `jetstream` block of its own.
+    config: PathBuf,
     /// Holds the JetStream store (`store/`), the config and the logs.
     dir: TempDir,
     log: PathBuf,
@@ -177,8 +185,8 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    /// Starts `nats-server -a 127.0.0.1 -p -1 -js -sd <tmp>/store` and waits until it
-    /// accepts clients.
+    /// Starts `nats-server -c <tmp>/nats-server.conf -a 127.0.0.1 -p -1 -js -sd <tmp>/store`
+    /// (the config holds [`TEST_JETSTREAM_LIMITS`]) and waits until it accepts clients.
     pub fn start() -> NatsServer {
         Self::launch(None, NatsPort::Free)
     }
@@ -207,11 +215,13 @@ impl NatsServer {
             .prefix("gm-relay-nats-")
             .tempdir()
             .expect("create temp dir for nats-server");
-        let config = conf_text.map(|text| {
-            let path = dir.path().join("nats-server.conf");
-            fs::write(&path, text).expect("write nats-server config");
-            path
-        });
+        let mut text = conf_text.unwrap_or_default().to_owned();
+        if !text.contains("jetstream") {
+            text.push_str(TEST_JETSTREAM_LIMITS);
+        }
+        let path = dir.path().join("nats-server.conf");
+        fs::write(&path, text).expect("write nats-server config");
+        let config = path;
         let mut server = NatsServer {
             child: Mutex::new(None),
             port: 0,
@@ -239,9 +249,7 @@ impl NatsServer {
         self.log = log_path;
         let store = self.dir.path().join("store");
         let mut cmd = Command::new(&self.binary);
-        if let Some(config) = &self.config {
-            cmd.arg("-c").arg(config);
-        }
+        cmd.arg("-c").arg(&self.config);
         cmd.args(["-a", "127.0.0.1"]);
         if let Some(port) = port {
             cmd.args(["-p", port]);

@@ -205,7 +205,9 @@ impl NatsServer {
         };
         let conf = dir.path().join("nats.conf");
         // The store directory comes from `-sd` (the config may not name it a second time).
-        let text = format!("jetstream {{\n{interval}{limits}}}\n");
+        // `max_file_store` as in the shipped configs: unset, nats-server takes 75% of the
+        // free disk, and the relay's three streams reserve 10 GiB each up front.
+        let text = format!("jetstream {{\n  max_file_store: 40GB\n{interval}{limits}}}\n");
         std::fs::write(&conf, text)?;
         cmd.arg("-c").arg(&conf).arg("-sd").arg(&store);
         let args = cmd.get_args().map(|a| a.to_owned()).collect();
