@@ -40,7 +40,14 @@ pub struct Config {
     pub session_key: Option<SessionKey>,
     pub log_format: LogFormat,
     pub shutdown_timeout: Duration,
+    /// Threads of the async runtime; 1 = a current-thread runtime (see
+    /// [`crate::startup::runtime`]).
+    pub worker_threads: usize,
 }
+
+/// Most runtime threads accepted: past the machine's cores more threads only add context
+/// switches; 64 covers any box a relay runs on, and a typo like 1000 is refused.
+pub const MAX_WORKER_THREADS: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -85,6 +92,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("GM_RELAY_SESSION_KEY", "", "console session signing key, at least 32 bytes; set = console on"),
     ("GM_RELAY_LOG_FORMAT", "json", "json or pretty"),
     ("GM_RELAY_SHUTDOWN_TIMEOUT_S", "10", "bound on graceful shutdown, seconds"),
+    ("GM_RELAY_WORKER_THREADS", "1", "async runtime threads; 1 = one core, run more relays to use more"),
 ];
 
 impl Config {
@@ -171,6 +179,15 @@ impl Config {
                 "GM_RELAY_SHUTDOWN_TIMEOUT_S",
                 &get("GM_RELAY_SHUTDOWN_TIMEOUT_S"),
             )?),
+            worker_threads: match positive("GM_RELAY_WORKER_THREADS", &get("GM_RELAY_WORKER_THREADS")) {
+                Ok(n) if n <= MAX_WORKER_THREADS as u64 => n as usize,
+                _ => {
+                    return Err(invalid(
+                        "GM_RELAY_WORKER_THREADS",
+                        format!("expected 1 to {MAX_WORKER_THREADS}"),
+                    ))
+                }
+            },
         };
         if config.consumer_replicas > config.stream_replicas {
             return Err(invalid("GM_RELAY_CONSUMER_REPLICAS", "must not exceed GM_RELAY_STREAM_REPLICAS"));
@@ -315,11 +332,23 @@ mod tests {
             ("GM_RELAY_GM_PATH", "gm"),
             ("GM_RELAY_GS_PATH", "/console/x"),
             ("GM_RELAY_SESSION_KEY", "too-short"),
+            ("GM_RELAY_WORKER_THREADS", "0"),
+            ("GM_RELAY_WORKER_THREADS", "65"),
         ] {
             let e = with(&[(k, v)]).unwrap_err();
             assert_eq!(e.key, k, "{e}");
             assert!(e.to_string().starts_with(&format!("invalid setting {k}: ")));
         }
+    }
+
+    #[test]
+    fn one_runtime_thread_unless_asked_for_more() {
+        use tokio::runtime::RuntimeFlavor;
+        let flavor = |c: Config| crate::startup::runtime(c.worker_threads).unwrap().handle().runtime_flavor();
+        assert_eq!(flavor(with(&[]).unwrap()), RuntimeFlavor::CurrentThread);
+        let four = with(&[("GM_RELAY_WORKER_THREADS", "4")]).unwrap();
+        assert_eq!(four.worker_threads, 4);
+        assert_eq!(flavor(four), RuntimeFlavor::MultiThread);
     }
 
     #[test]

@@ -97,7 +97,7 @@ where
         }
     };
     gm_relay::telemetry::init(config.log_format);
-    let outcome = tokio::runtime::Runtime::new()
+    let outcome = gm_relay::startup::runtime(config.worker_threads)
         .context("cannot start the async runtime")
         .and_then(|rt| rt.block_on(work(config)));
     match outcome {
