@@ -233,7 +233,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread, like the relay (`gm_relay::startup::runtime`): the load generator shares
+    // the 2 cores with the servers it measures, and on a multi-thread runtime its NATS
+    // connection would write every request with its own system call.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
