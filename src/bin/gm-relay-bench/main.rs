@@ -106,7 +106,7 @@ impl Scale {
             w3_measured: 100,
             w3_rate: 500.0,
             w3_secs: 3.0,
-            w3_rounds: 3,
+            w3_rounds: 5,
             w3_idle_secs: 1.0,
             w3_presence_ops: 4,
         }
