@@ -96,7 +96,8 @@ where
             return ExitCode::from(2);
         }
     };
-    gm_relay::telemetry::init(config.log_format);
+    // Declared before the runtime, so it outlives it and writes out the last lines.
+    let _log = gm_relay::telemetry::init(config.log_format);
     let outcome = gm_relay::startup::runtime(config.worker_threads)
         .context("cannot start the async runtime")
         .and_then(|rt| rt.block_on(work(config)));

@@ -1,6 +1,8 @@
 //! Prometheus metrics of one relay, served at `/metrics`. Each relay instance has its own
 //! registry (no globals), so tests can run many relays in one process.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
@@ -26,6 +28,11 @@ pub struct Metrics {
     /// History copies of delivered chat messages that could not be written (the console's
     /// history misses them; the delivery streams still hold the messages).
     pub history_lost: IntCounter,
+    /// Log lines dropped because stderr could not keep up (process-wide; brought up to
+    /// date at each scrape).
+    log_lines_dropped: IntCounter,
+    /// The dropped count already added to `log_lines_dropped`.
+    log_lines_synced: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -76,6 +83,11 @@ impl Metrics {
             "Delivered chat messages whose console history copy could not be written",
         )
         .expect("static metric definition");
+        let log_lines_dropped = IntCounter::new(
+            "log_lines_dropped_total",
+            "Log lines dropped because stderr could not keep up with them",
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(publish_seconds.clone()),
@@ -85,6 +97,7 @@ impl Metrics {
             Box::new(publish_retries.clone()),
             Box::new(publish_duplicates.clone()),
             Box::new(history_lost.clone()),
+            Box::new(log_lines_dropped.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -98,11 +111,17 @@ impl Metrics {
             publish_retries,
             publish_duplicates,
             history_lost,
+            log_lines_dropped,
+            log_lines_synced: AtomicU64::new(0),
         }
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        // fetch_max: concurrent scrapes each add only the part they were first to see.
+        let dropped = crate::telemetry::dropped_log_lines();
+        let synced = self.log_lines_synced.fetch_max(dropped, Ordering::Relaxed);
+        self.log_lines_dropped.inc_by(dropped.saturating_sub(synced));
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");

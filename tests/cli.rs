@@ -1,4 +1,5 @@
-//! The binary's edges: settings validation at start-up and graceful shutdown on SIGTERM.
+//! The binary's edges: settings validation at start-up, graceful shutdown on SIGTERM, and
+//! a stderr that stops being read.
 
 mod support;
 
@@ -104,6 +105,44 @@ async fn sigterm_stops_gracefully_and_publishes_what_was_committed() {
     // Nothing was lost across the stop: a new relay serves the friend event.
     app.start_process(&[]).await;
     assert_eq!(app.relation(3).await.0, json!({"1001": ["7", "Alice"]}));
+}
+
+/// Polls sent at most while waiting for the log queue to overflow; at `trace` each poll
+/// logs about a dozen lines (its JetStream fetch), so the queue's 10,000 lines are passed
+/// after about a thousand.
+const STALLED_LOG_REQUESTS: usize = 20_000;
+
+#[tokio::test]
+async fn a_stalled_stderr_drops_log_lines_instead_of_stalling_the_relay() {
+    let mut app = TestApp::servers_only(&[]);
+    // A pipe nobody reads fills after 64 KiB, as with a log shipper that hung.
+    let (mut unread, stderr) = std::io::pipe().expect("pipe");
+    app.start_process_with_stderr(&[("RUST_LOG", "trace")], stderr.into()).await;
+    let dropped = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("gm_relay_log_lines_dropped_total "))
+            .map(|v| v.trim().parse().expect("a count"))
+            .expect("the metric is exported")
+    };
+    let mut seen = 0;
+    for i in 0..STALLED_LOG_REQUESTS {
+        let reply = app.try_get("/gs?action=receive&host=3", Duration::from_secs(5)).await;
+        assert_eq!(reply.map(|r| r.res()).ok(), Some(1), "request {i} answered while stderr is stalled");
+        if i % 100 == 99 {
+            let metrics = app.try_get("/metrics", Duration::from_secs(5)).await.expect("metrics answered");
+            seen = dropped(&metrics.text());
+            if seen > 0 {
+                break;
+            }
+        }
+    }
+    assert!(seen > 0, "{STALLED_LOG_REQUESTS} requests at trace level overflowed no log queue");
+    // Once stderr is read again, the relay still stops cleanly (and the pipe ends with it).
+    let drain = std::thread::spawn(move || std::io::copy(&mut unread, &mut std::io::sink()));
+    let status = app.terminate_process(Duration::from_secs(15));
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    assert!(drain.join().expect("drain thread").expect("stderr read to its end") > 0);
 }
 
 #[test]

@@ -211,6 +211,11 @@ impl TestApp {
 
     /// Starts the real `gm-relay serve` binary; `extra_env` adds to the settings.
     pub async fn start_process(&mut self, extra_env: &[(&str, &str)]) {
+        self.start_process_with_stderr(extra_env, Stdio::inherit()).await;
+    }
+
+    /// [`TestApp::start_process`] with the relay's stderr going to `stderr`.
+    pub async fn start_process_with_stderr(&mut self, extra_env: &[(&str, &str)], stderr: Stdio) {
         assert!(self.running.is_none() && self.process.is_none(), "a relay is already running");
         let port =
             std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().unwrap().port();
@@ -224,8 +229,7 @@ impl TestApp {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        let child =
-            cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("gm-relay binary starts");
+        let child = cmd.stdout(Stdio::null()).stderr(stderr).spawn().expect("gm-relay binary starts");
         self.process = Some((child, addr));
         let http = self.http.clone();
         wait_until_async(
