@@ -53,6 +53,13 @@ fn quick_benchmark_reports_every_workload() {
     for key in ["gm_http_max_per_s", "gs_http_max_per_s", "native_max_per_s", "gm_http_to_native_p99_ms"] {
         positive(&w["w2"][key], &format!("W2 {key}"));
     }
+    // Each path's best maximum phase against the W0 runs beside it, which the verdict uses.
+    for path in ["gm_http", "gs_http", "native"] {
+        let b = &w["w2"]["best_beside_w0"][path];
+        for key in ["rate_per_s", "w0_before_per_s", "w0_after_per_s", "pct_of_w0_beside"] {
+            positive(&b[key], &format!("W2 {path} beside W0: {key}"));
+        }
+    }
     for mode in ["sync_1s", "sync_always"] {
         positive(&w["sync"][mode]["w0"]["e2e_rate_per_s"], &format!("{mode} W0"));
         positive(&w["sync"][mode]["w2"]["native_max_per_s"], &format!("{mode} native max"));

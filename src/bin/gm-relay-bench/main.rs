@@ -50,6 +50,9 @@ pub struct Scale {
     pub w0_count: u64,
     pub w0_secs: f64,
     pub w0_sync_count: u64,
+    /// The short W0 run before and after each W2 maximum phase.
+    pub w0_beside_count: u64,
+    pub w0_beside_secs: f64,
     pub w1_hosts: i64,
     pub w1_gms: i64,
     pub w1_players: i64,
@@ -83,6 +86,8 @@ impl Scale {
             w0_count: 200_000,
             w0_secs: 30.0,
             w0_sync_count: 100_000,
+            w0_beside_count: 100_000,
+            w0_beside_secs: 10.0,
             w1_hosts: 1000,
             w1_gms: 50,
             w1_players: 100_000,
@@ -118,6 +123,8 @@ impl Scale {
             w0_count: 5_000,
             w0_secs: 5.0,
             w0_sync_count: 2_000,
+            w0_beside_count: 2_000,
+            w0_beside_secs: 5.0,
             w1_hosts: 50,
             w1_gms: 5,
             w1_players: 2_000,
@@ -362,7 +369,8 @@ async fn run(args: &Args) -> Result<()> {
         }
         if want("w2") {
             let w =
-                w2::run(&mut stack, &scale, show, true, "W2 chat, default sync (fsync every 2 min)").await?;
+                w2::run(&mut stack, &scale, show, true, true, "W2 chat, default sync (fsync every 2 min)")
+                    .await?;
             for t in &w.tables {
                 emit(&mut md, t);
             }
@@ -389,7 +397,7 @@ async fn run(args: &Args) -> Result<()> {
                 )
                 .await?;
                 let title = format!("W2 chat, sync_interval {}", mode.label());
-                let w2 = w2::run(&mut stack, &scale, show, false, &title).await?;
+                let w2 = w2::run(&mut stack, &scale, show, false, false, &title).await?;
                 emit(&mut md, &w0.table(&format!("W0 raw JetStream, sync_interval {}", mode.label())));
                 for t in &w2.tables {
                     emit(&mut md, t);
@@ -449,18 +457,39 @@ async fn run(args: &Args) -> Result<()> {
         targets.row(vec![name.into(), measured.clone(), cell.into()]);
         targets_json.push(json!({"target": name, "measured": measured, "met": met}));
     };
-    match (&w2_figs, w0_rate) {
-        (Some(w2), Some(w0)) => {
-            let native = pct_of(w2.native_max, w0);
+    // Throughput against W0: the verdict takes each path's best maximum phase as a share of
+    // the W0 runs just before and after it (see w2.rs); the share of the run's first W0 is
+    // shown beside it.
+    let vs_first = |rate: f64| {
+        w0_rate
+            .map(|w0| format!("; {:.0}% of the run's first W0 {}", pct_of(rate, w0), n(w0)))
+            .unwrap_or_default()
+    };
+    let beside_cell = |who: &str, b: &w2::Beside| {
+        format!(
+            "{who}{} msg/s = {:.0}% of W0 beside it ({} before / {} after)",
+            n(b.rate),
+            b.pct(),
+            n(b.w0_before),
+            n(b.w0_after)
+        )
+    };
+    match w2_figs.as_ref().map(|w| (w, w.native_beside, w.gm_http_beside, w.gs_http_beside)) {
+        Some((w2, Some(native), Some(gm), Some(gs))) => {
             check(
                 "native relay chat throughput ≥ 40% of W0",
-                format!("{} msg/s = {:.0}% of W0 {}", n(w2.native_max), native, n(w0)),
-                Some(native >= 40.0),
+                format!("{}{}", beside_cell("", &native), vs_first(w2.native_max)),
+                Some(native.pct() >= 40.0),
             );
-            let legacy = pct_of(w2.gm_http_max.min(w2.gs_http_max), w0);
+            let legacy = gm.pct().min(gs.pct());
             check(
                 "legacy HTTP send ≥ 25% of W0",
-                format!("GM {} / GS {} msg/s: {:.0}% of W0", n(w2.gm_http_max), n(w2.gs_http_max), legacy),
+                format!(
+                    "{}, {}{}",
+                    beside_cell("GM ", &gm),
+                    beside_cell("GS ", &gs),
+                    vs_first(w2.gm_http_max.min(w2.gs_http_max))
+                ),
                 Some(legacy >= 25.0),
             );
         }

@@ -5,6 +5,13 @@
 //! the relay and nats-server write more messages per system call, at a higher latency
 //! (each phase's latencies are reported beside its rate). Also run, shorter, under each
 //! nats-server `sync_interval` mode.
+//!
+//! In the main run each maximum phase is bracketed by a short W0 on the same nats-server
+//! (one before the first, one after each), and its rate is also given as a share of the
+//! mean of the two W0 runs beside it. This VM's speed drifts by more than the targets'
+//! margins within minutes — W0 alone measured 52,000 and 88,000 msg/s on the same build
+//! within the hour — so a ratio to a W0 taken minutes earlier measures the drift as much
+//! as the relay.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,9 +60,63 @@ pub struct W2 {
     /// GM HTTP send → native host receipt p99 at the fixed rate.
     pub gm_native_p99_ms: f64,
     pub gm_native_rate: f64,
+    /// Each path's best maximum phase as a share of the W0 runs beside it (bracketed runs only).
+    pub gm_http_beside: Option<Beside>,
+    pub gs_http_beside: Option<Beside>,
+    pub native_beside: Option<Beside>,
 }
 
-pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title: &str) -> Result<W2> {
+/// A maximum phase against the mean of the W0 runs just before and just after it.
+#[derive(Clone, Copy, Debug)]
+pub struct Beside {
+    pub rate: f64,
+    pub w0_before: f64,
+    pub w0_after: f64,
+}
+
+impl Beside {
+    pub fn w0(&self) -> f64 {
+        (self.w0_before + self.w0_after) / 2.0
+    }
+
+    pub fn pct(&self) -> f64 {
+        if self.w0() > 0.0 {
+            100.0 * self.rate / self.w0()
+        } else {
+            0.0
+        }
+    }
+
+    /// The better of two phases of one path.
+    fn best(a: Option<Beside>, b: Beside) -> Option<Beside> {
+        Some(match a {
+            Some(a) if a.pct() >= b.pct() => a,
+            _ => b,
+        })
+    }
+
+    fn json(&self) -> Value {
+        json!({"rate_per_s": self.rate, "w0_before_per_s": self.w0_before, "w0_after_per_s": self.w0_after,
+               "pct_of_w0_beside": self.pct()})
+    }
+}
+
+/// A short W0 for bracketing a maximum phase: its end-to-end rate.
+async fn w0_beside(stack: &Stack, scale: &Scale, show: bool) -> Result<f64> {
+    let w = crate::w0::run(stack, scale.w0_beside_count, Duration::from_secs_f64(scale.w0_beside_secs), show)
+        .await?;
+    Ok(w.e2e_rate)
+}
+
+/// `bracket`: run a short W0 around each maximum phase (see the module's doc).
+pub async fn run(
+    stack: &mut Stack,
+    scale: &Scale,
+    show: bool,
+    full: bool,
+    bracket: bool,
+    title: &str,
+) -> Result<W2> {
     let set = scale.w2_set();
     let players = scale.w2_players;
     stack.seed(&set, 0, players).await?;
@@ -94,11 +155,16 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
             "send→receipt p50 / p99 / p99.9 ms",
             "relay CPU %",
             "nats CPU %",
+            "W0 before / after: % of their mean",
         ],
     );
     let mut w2 = W2::default();
     let mut rows_json = Vec::new();
+    let mut w0_last: Option<f64> = None;
     for (i, (path, rate, workers)) in phases.into_iter().enumerate() {
+        if bracket && rate.is_none() && w0_last.is_none() {
+            w0_last = Some(w0_beside(stack, scale, show).await?);
+        }
         let tag: Arc<str> = Arc::from(format!("w2p{i}").as_str());
         let rx: &Arc<Receipts> = if path == Path::GmHttp { &host_rx } else { &gm_rx };
         rx.reset(&tag);
@@ -137,6 +203,14 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
         let e2e = rx.hist();
         let pct = |who: &str| usage.iter().find(|(n, _)| *n == who).and_then(|(_, c)| c.map(|(p, _, _)| p));
         let rate_ok = result.rate();
+        let beside = match (rate, w0_last) {
+            (None, Some(before)) => {
+                let after = w0_beside(stack, scale, show).await?;
+                w0_last = Some(after);
+                Some(Beside { rate: rate_ok, w0_before: before, w0_after: after })
+            }
+            _ => None,
+        };
         let load_cell = match rate {
             Some(r) => format!("{} msg/s", n(r)),
             None => format!("max, {workers} in flight"),
@@ -151,6 +225,9 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
             format!("{} / {} / {}", f(ms(&e2e, 0.5)), f(ms(&e2e, 0.99)), f(ms(&e2e, 0.999))),
             pct("relay").map(f).unwrap_or_else(|| "-".into()),
             pct("nats-server").map(f).unwrap_or_else(|| "-".into()),
+            beside
+                .map(|b| format!("{} / {}: {:.0}%", n(b.w0_before), n(b.w0_after), b.pct()))
+                .unwrap_or_else(|| "-".into()),
         ]);
         rows_json.push(json!({
             "path": path.key(),
@@ -162,6 +239,7 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
             "send_to_receipt": hist_json(&e2e),
             "relay_cpu_pct": pct("relay"),
             "nats_cpu_pct": pct("nats-server"),
+            "beside_w0": beside.map(|b| b.json()),
         }));
         match (path, rate) {
             (Path::GmHttp, Some(_)) => {
@@ -172,6 +250,14 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
             (Path::GsHttp, None) => w2.gs_http_max = w2.gs_http_max.max(rate_ok),
             (Path::Native, None) => w2.native_max = w2.native_max.max(rate_ok),
             _ => {}
+        }
+        if let Some(b) = beside {
+            let best = match path {
+                Path::GmHttp => &mut w2.gm_http_beside,
+                Path::GsHttp => &mut w2.gs_http_beside,
+                Path::Native => &mut w2.native_beside,
+            };
+            *best = Beside::best(*best, b);
         }
     }
     host_rx.stop();
@@ -186,6 +272,11 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
         "native_max_per_s": w2.native_max,
         "gm_http_to_native_p99_ms": w2.gm_native_p99_ms,
         "gm_http_to_native_rate_per_s": w2.gm_native_rate,
+        "best_beside_w0": {
+            "gm_http": w2.gm_http_beside.map(|b| b.json()),
+            "gs_http": w2.gs_http_beside.map(|b| b.json()),
+            "native": w2.native_beside.map(|b| b.json()),
+        },
     });
     Ok(w2)
 }
