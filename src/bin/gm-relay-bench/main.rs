@@ -110,8 +110,8 @@ impl Scale {
             ],
             w3_measured: 100,
             w3_rate: 500.0,
-            w3_secs: 3.0,
-            w3_rounds: 5,
+            w3_secs: 1.0,
+            w3_rounds: 15,
             w3_idle_secs: 1.0,
             w3_presence_ops: 4,
         }

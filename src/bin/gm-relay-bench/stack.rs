@@ -12,6 +12,17 @@ use gm_relay::domain::{GmId, HostId, Uid};
 use crate::load::Target;
 use crate::procs::{self, Counters, CpuWatch, NatsServer, RedisServer, RelayProc, SyncMode};
 
+/// Window in which the relay must stay quiet, in [`Stack::wait_quiet`].
+const QUIET_SAMPLE: Duration = Duration::from_millis(250);
+
+/// Relay NATS messages allowed in a quiet window (PINGs are not counted as messages): slack
+/// for a stray one, far below the hundreds a busy relay sends.
+const QUIET_NATS_MSGS: f64 = 2.0;
+
+/// How long to wait for quiet: the slowest tail seen is a poll's deferred acks (~1,000
+/// messages, well under a second); past this the run goes on and says so.
+const QUIET_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Servers to use instead of starting them (`--nats-url`, `--redis-url`, `--relay-url`).
 #[derive(Debug, Clone)]
 pub struct External {
@@ -86,6 +97,26 @@ impl Stack {
 
     pub async fn counters(&mut self) -> Counters {
         procs::counters(&mut self.redis_conn, self.monitor).await
+    }
+
+    /// Waits (bounded) until the relay has finished the work of earlier requests: no JetStream
+    /// API call and at most a couple of NATS messages of the relay's in a [`QUIET_SAMPLE`].
+    /// A poll answers before it acks what it returned, so the last poll of a warm-up can
+    /// leave a thousand acks still to send; an idle baseline measured over them would be
+    /// taken off every later operation's counts. Returns whether it got quiet in time.
+    pub async fn wait_quiet(&mut self) -> bool {
+        let deadline = Instant::now() + QUIET_DEADLINE;
+        let mut last = self.counters().await;
+        while Instant::now() < deadline {
+            tokio::time::sleep(QUIET_SAMPLE).await;
+            let now = self.counters().await;
+            let d = now - last;
+            if d.js_api == 0.0 && d.relay_nats_msgs <= QUIET_NATS_MSGS {
+                return true;
+            }
+            last = now;
+        }
+        false
     }
 
     /// Fails when a server this run started has died.

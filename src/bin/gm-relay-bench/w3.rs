@@ -5,11 +5,12 @@
 //! time per operation (p50, p99, relay CPU) and the noise-free counts — Redis commands
 //! (INFO commandstats, including those run inside scripts), JetStream API calls (`/jsz`
 //! `api.total`) and the relay connection's NATS messages (`/connz`) — per operation, less
-//! the idle background (the outbox drainer's periodic look) measured just before. Every
-//! kind is measured in five rounds (all kinds in turn, five times) and each figure is
-//! the median of its rounds: a sub-millisecond p50 on a shared 2-core VM moves by half
-//! or more between two 3-second windows (where the scheduler puts the processes' threads
-//! matters at this load), which single measurements turned into false growth.
+//! the idle background (the outbox drainer's periodic look) measured just before, once the
+//! relay has gone quiet. Every kind is measured in fifteen 1-second rounds (all kinds in
+//! turn, fifteen times) and each figure is the median of its rounds: a sub-millisecond p50
+//! on a shared 2-core VM moves by 2× and more between windows on the same data (the VM's
+//! wake-up latency, not the relay's work: the relay's CPU per operation stays put), and
+//! more, shorter rounds give its median less to move.
 
 use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -362,7 +363,11 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
         stack.check_alive()?;
         load_json.push(json!({"hosts": point.hosts, "friendships": players, "history": point.history,
                               "seed_s": seed_s, "history_publish_s": hist_s, "host_consumers_s": consumers_s}));
-        // The idle background, so it can be taken off the per-operation counts.
+        // The idle background, so it can be taken off the per-operation counts; measured once
+        // the relay has finished what the loading and warm-up left it to do.
+        if !stack.wait_quiet().await {
+            eprintln!("W3: the relay was still busy after the warm-up; the idle baseline may be high");
+        }
         let idle_before = stack.counters().await;
         let idle_started = Instant::now();
         tokio::time::sleep(Duration::from_secs_f64(scale.w3_idle_secs)).await;
