@@ -53,7 +53,7 @@ fn quick_benchmark_reports_every_workload() {
     for key in ["gm_http_max_per_s", "gs_http_max_per_s", "native_max_per_s", "gm_http_to_native_p99_ms"] {
         positive(&w["w2"][key], &format!("W2 {key}"));
     }
-    // Each path's best maximum phase against the W0 runs beside it, which the verdict uses.
+    // Each path's fastest maximum phase with the W0 runs beside it, which the verdict uses.
     for path in ["gm_http", "gs_http", "native"] {
         let b = &w["w2"]["best_beside_w0"][path];
         for key in ["rate_per_s", "w0_before_per_s", "w0_after_per_s", "pct_of_w0_beside"] {

@@ -457,7 +457,7 @@ async fn run(args: &Args) -> Result<()> {
         targets.row(vec![name.into(), measured.clone(), cell.into()]);
         targets_json.push(json!({"target": name, "measured": measured, "met": met}));
     };
-    // Throughput against W0: the verdict takes each path's best maximum phase as a share of
+    // Throughput against W0: the verdict takes each path's fastest maximum phase as a share of
     // the W0 runs just before and after it (see w2.rs); the share of the run's first W0 is
     // shown beside it.
     let vs_first = |rate: f64| {

@@ -60,7 +60,7 @@ pub struct W2 {
     /// GM HTTP send → native host receipt p99 at the fixed rate.
     pub gm_native_p99_ms: f64,
     pub gm_native_rate: f64,
-    /// Each path's best maximum phase as a share of the W0 runs beside it (bracketed runs only).
+    /// Each path's fastest maximum phase, with the W0 runs beside it (bracketed runs only).
     pub gm_http_beside: Option<Beside>,
     pub gs_http_beside: Option<Beside>,
     pub native_beside: Option<Beside>,
@@ -87,10 +87,11 @@ impl Beside {
         }
     }
 
-    /// The better of two phases of one path.
+    /// The path's maximum: the phase with the higher rate, whatever the W0 beside it. (Taking
+    /// the higher share instead would also pick among the W0 runs' own noise.)
     fn best(a: Option<Beside>, b: Beside) -> Option<Beside> {
         Some(match a {
-            Some(a) if a.pct() >= b.pct() => a,
+            Some(a) if a.rate >= b.rate => a,
             _ => b,
         })
     }
