@@ -219,9 +219,8 @@ impl NatsServer {
         if !text.contains("jetstream") {
             text.push_str(TEST_JETSTREAM_LIMITS);
         }
-        let path = dir.path().join("nats-server.conf");
-        fs::write(&path, text).expect("write nats-server config");
-        let config = path;
+        let config = dir.path().join("nats-server.conf");
+        fs::write(&config, text).expect("write nats-server config");
         let mut server = NatsServer {
             child: Mutex::new(None),
             port: 0,

@@ -369,8 +369,7 @@ async fn run(args: &Args) -> Result<()> {
         }
         if want("w2") {
             let w =
-                w2::run(&mut stack, &scale, show, true, true, "W2 chat, default sync (fsync every 2 min)")
-                    .await?;
+                w2::run(&mut stack, &scale, show, true, "W2 chat, default sync (fsync every 2 min)").await?;
             for t in &w.tables {
                 emit(&mut md, t);
             }
@@ -397,7 +396,7 @@ async fn run(args: &Args) -> Result<()> {
                 )
                 .await?;
                 let title = format!("W2 chat, sync_interval {}", mode.label());
-                let w2 = w2::run(&mut stack, &scale, show, false, false, &title).await?;
+                let w2 = w2::run(&mut stack, &scale, show, false, &title).await?;
                 emit(&mut md, &w0.table(&format!("W0 raw JetStream, sync_interval {}", mode.label())));
                 for t in &w2.tables {
                     emit(&mut md, t);

@@ -109,15 +109,9 @@ async fn w0_beside(stack: &Stack, scale: &Scale, show: bool) -> Result<f64> {
     Ok(w.e2e_rate)
 }
 
-/// `bracket`: run a short W0 around each maximum phase (see the module's doc).
-pub async fn run(
-    stack: &mut Stack,
-    scale: &Scale,
-    show: bool,
-    full: bool,
-    bracket: bool,
-    title: &str,
-) -> Result<W2> {
+/// `full`: the main run — every phase, and a short W0 around each maximum phase (see the
+/// module's doc); otherwise the shorter run of the `sync_interval` modes.
+pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title: &str) -> Result<W2> {
     let set = scale.w2_set();
     let players = scale.w2_players;
     stack.seed(&set, 0, players).await?;
@@ -163,7 +157,7 @@ pub async fn run(
     let mut rows_json = Vec::new();
     let mut w0_last: Option<f64> = None;
     for (i, (path, rate, workers)) in phases.into_iter().enumerate() {
-        if bracket && rate.is_none() && w0_last.is_none() {
+        if full && rate.is_none() && w0_last.is_none() {
             w0_last = Some(w0_beside(stack, scale, show).await?);
         }
         let tag: Arc<str> = Arc::from(format!("w2p{i}").as_str());
