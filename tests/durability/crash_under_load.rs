@@ -38,8 +38,9 @@ struct Ledger {
     acked: BTreeSet<String>,
     /// Every text each feed delivered, with repeats.
     delivered: BTreeMap<&'static str, Vec<String>>,
-    /// Per feed, the texts of each poll reply in order (to find the last one before a kill).
-    replies: BTreeMap<&'static str, Vec<Vec<String>>>,
+    /// Per feed, each poll reply in order: the relay that answered (its base URL) and the
+    /// texts (to find the last reply of the relay that was killed).
+    replies: BTreeMap<&'static str, Vec<(String, Vec<String>)>>,
 }
 
 type Shared = Arc<Mutex<Ledger>>;
@@ -93,7 +94,7 @@ async fn poll_legacy(http: &reqwest::Client, base: &str, feed: &'static str, led
     }
     let mut l = ledger.lock().unwrap();
     l.delivered.entry(feed).or_default().extend(texts.iter().cloned());
-    l.replies.entry(feed).or_default().push(texts);
+    l.replies.entry(feed).or_default().push((base.to_owned(), texts));
 }
 
 #[tokio::test]
@@ -182,11 +183,8 @@ async fn kill_9_under_steady_traffic_loses_nothing_acknowledged() {
         async move { n >= SENDS / 3 }
     })
     .await;
+    let killed_base = app.base_url();
     app.kill_process();
-    let last_replies: BTreeMap<&'static str, Vec<String>> = {
-        let l = ledger.lock().unwrap();
-        l.replies.iter().map(|(feed, r)| (*feed, r.last().cloned().unwrap_or_default())).collect()
-    };
     app.start_process(&[]).await;
     base_tx.send(app.base_url()).unwrap();
 
@@ -219,10 +217,16 @@ async fn kill_9_under_steady_traffic_loses_nothing_acknowledged() {
         tokio::time::timeout(Duration::from_secs(10), p).await.expect("pollers stop").unwrap();
     }
 
-    // Repeats: only what the last reply before the kill held, on that feed. (A send that
-    // failed at the kill may still be delivered: the relay can die between the PubAck and
-    // its reply. That is not a repeat.)
+    // Repeats: only what the killed relay's last reply held, on that feed. (Taken from the
+    // ledger now, not at the kill: a reply already on its way may be read by the poller
+    // only after the kill.) A send that failed at the kill may still be delivered: the
+    // relay can die between the PubAck and its reply. That is not a repeat.
     let l = ledger.lock().unwrap();
+    let last_replies: BTreeMap<&'static str, &Vec<String>> = l
+        .replies
+        .iter()
+        .filter_map(|(feed, r)| Some((*feed, &r.iter().rev().find(|(base, _)| *base == killed_base)?.1)))
+        .collect();
     for (feed, delivered) in &l.delivered {
         let mut seen = BTreeSet::new();
         for text in delivered {
