@@ -11,9 +11,10 @@
 //! kinds in turn, fifteen times) and each figure is the median of its rounds.
 //!
 //! The time target is judged on CPU per operation, not on the p50: a sub-millisecond p50
-//! on a shared 2-core VM is mostly the VM's wake-up latency. Its rounds span the same range
-//! at every point (0.13–0.79 ms and 0.13–0.74 ms for the online poll at 100 and 10,000
-//! hosts) while their median can land 1.5× apart; the p50 is still shown, with that range.
+//! on a shared 2-core VM is mostly the VM's wake-up latency. Its rounds span about the same
+//! range at every point (in one run 0.13–0.79 ms and 0.13–0.74 ms for the online poll at 100
+//! and 10,000 hosts) while their median can land 1.5× apart; the p50 is still shown, with
+//! that range (`bench/RESULTS.md`, finding 15).
 
 use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,7 +103,8 @@ struct Measured {
     p99: f64,
     cpu_us: f64,
     /// nats-server's and redis-server's CPU per operation, less their idle background: the
-    /// servers' side of the time, which the relay's CPU does not show.
+    /// servers' side of the time, which the relay's CPU does not show. For the relation and
+    /// receive polls it includes the feed that gives them something to return.
     servers_cpu_us: f64,
     redis: f64,
     js_api: f64,
