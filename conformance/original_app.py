@@ -16,8 +16,8 @@ GS只能用get方式推送消息,所以参数用类似于urllib quote(urlencode)
 一个GM账号能添加多个游戏玩家为好友,而一个游戏玩家只能被一个GM账号添加
 
 ---
-Conformance harness note (not part of the original): this is the Python 2 app of
-/work/shared/original/gm_chat_original.txt with only its whitespace mangling undone. Every
+Conformance harness note (not part of the original): this is the Python 2 app of the
+original system's blog post (docs/LEGACY_PROTOCOL.md) with only its whitespace mangling undone. Every
 behaviour, including the bugs, is kept. The only substitutions are the ones needed to run it
 on loopback: `from config import *` (REDIS.HOST/PORT/DB) is replaced by a Redis URL from
 GM_ORIG_REDIS_URL, ROLE_INFO_URL comes from GM_ORIG_ROLE_INFO_URL, and the module-level

@@ -1,6 +1,6 @@
 //! `gm-relay import-legacy`: moves a deployment of the original Python system onto
-//! gm-relay, reading the original's Redis (`LEGACY_PROTOCOL.md`, "The original system's
-//! Redis layout") and writing the relay's Redis and streams.
+//! gm-relay, reading the original's Redis (its keys are listed in the README, "Migrating
+//! from the original system") and writing the relay's Redis and streams.
 //!
 //! Three steps, so that each can be looked at on its own:
 //! 1. [`read_source`] reads every key of the original's layout with read-only commands

@@ -2,7 +2,7 @@
 
 use std::error::Error as StdError;
 
-/// The legacy protocol's error numbers (`LEGACY_PROTOCOL.md`), one variant per meaning.
+/// The legacy protocol's error numbers (README, "The legacy protocol"), one variant per meaning.
 /// Two meanings share errno 4, as in the original system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Errno {

@@ -1,6 +1,6 @@
 //! `gm-relay-bench`: measured speed, latency, memory and growth of gm-relay against the
-//! raw JetStream limit of the same machine, measured in the same run (issue "Benchmark
-//! program"; `MEASURED.md` has the raw figures to expect).
+//! raw JetStream limit of the same machine, measured in the same run (README,
+//! "Performance"; every table in `bench/RESULTS.md`).
 //!
 //! ```text
 //! gm-relay-bench [--quick] [--out results.json] [--workloads w0,w1,w2,w3,sync] [--stock-nats-limits]

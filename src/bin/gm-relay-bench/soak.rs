@@ -1,6 +1,6 @@
 //! `gm-relay-bench soak`: mixed traffic at a fixed total rate for a long time, optionally
 //! with `kill -9` of the relay or of nats-server at a period, and an account of every
-//! message by its id (issue 6, item 4).
+//! message by its id (README, "Performance": soak).
 //!
 //! ```text
 //! gm-relay-bench soak [--duration 10m] [--rate 200] [--fault relay-kill|nats-kill|none]
