@@ -464,6 +464,11 @@ impl CpuWatch {
     }
 }
 
+/// The figure of the process named `name` in what [`CpuWatch::stop`] returned.
+pub fn cpu_of(usage: &[(&'static str, Option<CpuFigure>)], name: &str) -> Option<CpuFigure> {
+    usage.iter().find(|(n, _)| *n == name).and_then(|(_, c)| *c)
+}
+
 /// Counters that do not suffer from noise: Redis commands (all, including those run inside
 /// scripts, less `INFO` itself), JetStream API calls, and the relay connection's NATS
 /// messages in and out.

@@ -15,6 +15,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::load::progress;
+use crate::procs::cpu_of;
 use crate::report::{f, n, Table};
 use crate::stack::Stack;
 
@@ -156,7 +157,7 @@ pub async fn run(stack: &Stack, count: u64, bound: Duration, show: bool) -> Resu
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let nats_cpu = cpu.stop().into_iter().find(|(name, _)| *name == "nats-server").and_then(|(_, c)| c);
+    let nats_cpu = cpu_of(&cpu.stop(), "nats-server");
     let _ = jetstream::new(reader).delete_stream(STREAM).await;
     Ok(W0 {
         published,

@@ -10,6 +10,7 @@ use anyhow::Result;
 use serde_json::{json, Value};
 
 use crate::load::{self, Op, Req, Spec, StreamResult};
+use crate::procs::cpu_of;
 use crate::report::{errors_cell, f, kind_json, ms, n, stream_json, Table};
 use crate::stack::{DataSet, Stack};
 use crate::Scale;
@@ -256,7 +257,7 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W1> {
         stack.check_alive()?;
         let polls = &results[0];
         let all = polls.merged();
-        let pct = |who: &str| usage.iter().find(|(n, _)| *n == who).and_then(|(_, c)| c.map(|(p, _, _)| p));
+        let pct = |who: &str| cpu_of(&usage, who).map(|(p, _, _)| p);
         let held = polls.rate() >= 0.95 * step && all.err == 0 && polls.unfinished == 0;
         let p99 = ms(&all.hist, 0.99);
         // The highest rate below which every step held (a later lucky step does not count).

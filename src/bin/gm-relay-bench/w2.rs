@@ -20,6 +20,7 @@ use anyhow::Result;
 use serde_json::{json, Value};
 
 use crate::load::{self, Op, Req, Spec};
+use crate::procs::cpu_of;
 use crate::receipts::{self, Receipts};
 use crate::report::{errors_cell, f, hist_json, kind_json, ms, n, Table};
 use crate::stack::{DataSet, Stack};
@@ -196,7 +197,7 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
         stack.check_alive()?;
         let received = rx.count();
         let e2e = rx.hist();
-        let pct = |who: &str| usage.iter().find(|(n, _)| *n == who).and_then(|(_, c)| c.map(|(p, _, _)| p));
+        let pct = |who: &str| cpu_of(&usage, who).map(|(p, _, _)| p);
         let rate_ok = result.rate();
         let beside = match (rate, w0_last) {
             (None, Some(before)) => {

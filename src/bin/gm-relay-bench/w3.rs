@@ -28,7 +28,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::load::{self, Op, Req, Spec};
-use crate::procs::Counters;
+use crate::procs::{cpu_of, Counters, CpuFigure};
 use crate::report::{errors_cell, f, ms, n, Table};
 use crate::stack::{DataSet, Layout, Stack};
 use crate::Scale;
@@ -265,9 +265,7 @@ fn feed(stack: &Stack, measured: i64, kind: OpKind, stop: Arc<AtomicBool>) -> to
 struct Idle {
     counts: Counters,
     secs: f64,
-    servers_cpu_s: f64,
-    /// % of one core, per process: relay, nats-server, redis-server.
-    cpu_pct: [f64; 3],
+    usage: Vec<(&'static str, Option<CpuFigure>)>,
 }
 
 impl Idle {
@@ -278,23 +276,23 @@ impl Idle {
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
         let usage = cpu.stop();
         let counts = stack.counters().await - before;
-        let secs = started.elapsed().as_secs_f64();
-        let pct = |name| 100.0 * cpu_secs(&usage, name) / secs.max(1e-6);
-        Idle {
-            counts,
-            secs,
-            servers_cpu_s: cpu_secs(&usage, "nats-server") + cpu_secs(&usage, "redis-server"),
-            cpu_pct: [pct("relay"), pct("nats-server"), pct("redis-server")],
-        }
+        Idle { counts, secs: started.elapsed().as_secs_f64(), usage }
+    }
+
+    /// % of one core.
+    fn pct(&self, name: &str) -> f64 {
+        cpu_of(&self.usage, name).map_or(0.0, |(pct, _, _)| pct)
     }
 }
 
-fn cpu_secs(usage: &[(&'static str, Option<crate::procs::CpuFigure>)], name: &str) -> f64 {
-    usage
-        .iter()
-        .find(|(n, _)| *n == name)
-        .and_then(|(_, c)| c.as_ref().map(|(_, secs, _)| *secs))
-        .unwrap_or(0.0)
+/// CPU seconds of the process named `name`.
+fn cpu_secs(usage: &[(&'static str, Option<CpuFigure>)], name: &str) -> f64 {
+    cpu_of(usage, name).map_or(0.0, |(_, secs, _)| secs)
+}
+
+/// CPU seconds of nats-server and redis-server together.
+fn servers_cpu_secs(usage: &[(&'static str, Option<CpuFigure>)]) -> f64 {
+    cpu_secs(usage, "nats-server") + cpu_secs(usage, "redis-server")
 }
 
 async fn measure(stack: &mut Stack, scale: &Scale, kind: OpKind, idle: &Idle, show: bool) -> Measured {
@@ -360,7 +358,7 @@ async fn measure(stack: &mut Stack, scale: &Scale, kind: OpKind, idle: &Idle, sh
     let ops = k.total().max(1) as f64;
     let delta = after - before;
     let scale_idle = wall / idle.secs.max(1e-6);
-    let servers_cpu = cpu_secs(&usage, "nats-server") + cpu_secs(&usage, "redis-server");
+    let servers_cpu = servers_cpu_secs(&usage) - servers_cpu_secs(&idle.usage) * scale_idle;
     let p50 = ms(&k.hist, 0.5);
     Measured {
         ops: k.total() as f64 / result.elapsed.as_secs_f64().max(1e-6),
@@ -368,7 +366,7 @@ async fn measure(stack: &mut Stack, scale: &Scale, kind: OpKind, idle: &Idle, sh
         p50_spread: (p50, p50),
         p99: ms(&k.hist, 0.99),
         cpu_us: cpu_secs(&usage, "relay") * 1e6 / ops,
-        servers_cpu_us: ((servers_cpu - idle.servers_cpu_s * scale_idle) * 1e6 / ops).max(0.0),
+        servers_cpu_us: (servers_cpu * 1e6 / ops).max(0.0),
         redis: ((delta.redis_cmds - idle.counts.redis_cmds * scale_idle) / ops).max(0.0),
         js_api: ((delta.js_api - idle.counts.js_api * scale_idle) / ops).max(0.0),
         nats: ((delta.relay_nats_msgs - idle.counts.relay_nats_msgs * scale_idle) / ops).max(0.0),
@@ -423,8 +421,8 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
         let idle = Idle::measure(stack, scale.w3_idle_secs).await;
         load_json.push(json!({"hosts": point.hosts, "friendships": players, "history": point.history,
                               "seed_s": seed_s, "history_publish_s": hist_s, "host_consumers_s": consumers_s,
-                              "idle_cpu_pct": {"relay": idle.cpu_pct[0], "nats_server": idle.cpu_pct[1],
-                                               "redis_server": idle.cpu_pct[2]}}));
+                              "idle_cpu_pct": {"relay": idle.pct("relay"), "nats_server": idle.pct("nats-server"),
+                                               "redis_server": idle.pct("redis-server")}}));
         let mut rounds: Vec<Vec<Measured>> = vec![Vec::new(); OPS.len()];
         for round in 0..scale.w3_rounds.max(1) {
             for (i, kind) in OPS.into_iter().enumerate() {
@@ -439,7 +437,12 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
         points.row(vec![
             format!("{} / {} / {}", n(point.hosts as f64), n(players as f64), n(point.history as f64)),
             format!("{seed_s:.1} / {hist_s:.1} / {consumers_s:.1}"),
-            format!("{} / {} / {}", f(idle.cpu_pct[0]), f(idle.cpu_pct[1]), f(idle.cpu_pct[2])),
+            format!(
+                "{} / {} / {}",
+                f(idle.pct("relay")),
+                f(idle.pct("nats-server")),
+                f(idle.pct("redis-server"))
+            ),
         ]);
         results.push((*point, rounds.iter().map(|r| Measured::median(r)).collect()));
     }
