@@ -136,11 +136,39 @@ impl Measured {
     }
 }
 
+/// How much an operation's time grew from the smallest to the largest point, as ratios.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Worst {
+pub struct Growth {
     pub relay_cpu: f64,
     pub servers_cpu: f64,
     pub p50: f64,
+}
+
+impl Growth {
+    fn between(a: &Measured, c: &Measured) -> Growth {
+        let ratio = |x: f64, y: f64| if x > 0.0 { y / x } else { 0.0 };
+        Growth {
+            relay_cpu: ratio(a.cpu_us, c.cpu_us),
+            servers_cpu: ratio(a.servers_cpu_us, c.servers_cpu_us),
+            p50: ratio(a.p50, c.p50),
+        }
+    }
+
+    /// Time is judged on the CPU each operation costs the relay and the servers: a
+    /// sub-millisecond p50 on this VM is mostly wake-up latency, and its rounds span the same
+    /// range at every point while their median moves by up to 1.7× (it is shown, with that
+    /// range, beside the verdict).
+    fn time_ok(&self) -> bool {
+        self.relay_cpu < 1.5 && self.servers_cpu < 1.5
+    }
+
+    fn max(self, o: Growth) -> Growth {
+        Growth {
+            relay_cpu: self.relay_cpu.max(o.relay_cpu),
+            servers_cpu: self.servers_cpu.max(o.servers_cpu),
+            p50: self.p50.max(o.p50),
+        }
+    }
 }
 
 pub struct W3 {
@@ -149,9 +177,8 @@ pub struct W3 {
     /// Every count flat and every CPU ratio < 1.5 (presence excluded: it fans out).
     pub counts_flat: bool,
     pub time_ok: bool,
-    /// The largest growth of the relay's CPU per operation and of the servers', and of the
-    /// p50 (presence excluded).
-    pub worst: Worst,
+    /// The largest growth of each figure over the operations (presence excluded).
+    pub worst: Growth,
 }
 
 fn set() -> DataSet {
@@ -516,27 +543,21 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
         ],
     );
     let (mut counts_flat, mut time_ok) = (true, true);
-    let mut worst = Worst::default();
+    let mut worst = Growth::default();
     let mut growth_json = serde_json::Map::new();
     if let (Some((_, first)), Some((_, last))) = (results.first(), results.last()) {
         for (oi, kind) in OPS.iter().enumerate() {
             let (a, c) = (first[oi], last[oi]);
-            let ratio = |x: f64, y: f64| if x > 0.0 { y / x } else { 0.0 };
+            let g = Growth::between(&a, &c);
             // Counts are whole per operation; allow a quarter of a command of drift.
             let flat =
                 c.redis <= a.redis + 0.25 && c.js_api <= a.js_api + 0.05 && c.nats <= a.nats * 1.1 + 0.25;
-            // Time is judged on the CPU each operation costs the relay and the servers: a
-            // sub-millisecond p50 on this VM is mostly wake-up latency, and its rounds span the
-            // same range at every point while their median moves by up to 1.7× (it is shown,
-            // with that range, beside the verdict).
-            let t_ok = ratio(a.cpu_us, c.cpu_us) < 1.5 && ratio(a.servers_cpu_us, c.servers_cpu_us) < 1.5;
+            let t_ok = g.time_ok();
             let fans_out = *kind == OpKind::Presence;
             if !fans_out {
                 counts_flat &= flat;
                 time_ok &= t_ok;
-                worst.relay_cpu = worst.relay_cpu.max(ratio(a.cpu_us, c.cpu_us));
-                worst.servers_cpu = worst.servers_cpu.max(ratio(a.servers_cpu_us, c.servers_cpu_us));
-                worst.p50 = worst.p50.max(ratio(a.p50, c.p50));
+                worst = worst.max(g);
             }
             let verdict = |ok: bool| {
                 if fans_out {
@@ -549,9 +570,9 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
             };
             growth.row(vec![
                 kind.label().into(),
-                f(ratio(a.p50, c.p50)),
-                f(ratio(a.cpu_us, c.cpu_us)),
-                f(ratio(a.servers_cpu_us, c.servers_cpu_us)),
+                f(g.p50),
+                f(g.relay_cpu),
+                f(g.servers_cpu),
                 format!("{} → {}", f(a.redis), f(c.redis)),
                 format!("{} → {}", f(a.js_api), f(c.js_api)),
                 format!("{} → {}", f(a.nats), f(c.nats)),
@@ -560,8 +581,7 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool) -> Result<W3> {
             ]);
             growth_json.insert(
                 kind.key().into(),
-                json!({"p50_ratio": ratio(a.p50, c.p50), "cpu_ratio": ratio(a.cpu_us, c.cpu_us),
-                       "servers_cpu_ratio": ratio(a.servers_cpu_us, c.servers_cpu_us),
+                json!({"p50_ratio": g.p50, "cpu_ratio": g.relay_cpu, "servers_cpu_ratio": g.servers_cpu,
                        "counts_flat": flat, "time_ok": t_ok}),
             );
         }
