@@ -15,6 +15,7 @@ use gm_relay::startup::Application;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::relays::Legacy;
 use super::{wait_until_async, NatsServer, RedisServer};
 
 /// Bound on a relay starting or stopping in a test.
@@ -159,19 +160,7 @@ impl TestApp {
     }
 
     fn config_map(&self) -> HashMap<String, String> {
-        let mut m: HashMap<String, String> = [
-            ("GM_RELAY_LISTEN", "127.0.0.1:0".to_owned()),
-            ("GM_RELAY_NATS_URL", self.nats.url()),
-            ("GM_RELAY_REDIS_URL", self.redis.url()),
-            ("GM_RELAY_LOG_FORMAT", "pretty".to_owned()),
-            // Tests send faster than people type; rate limits have tests of their own.
-            ("GM_RELAY_RATE_GM_PER_S", "0".to_owned()),
-            ("GM_RELAY_RATE_PLAYER_PER_S", "0".to_owned()),
-            ("GM_RELAY_RATE_IP_PER_S", "0".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+        let mut m = super::relays::base_settings(&self.nats.url(), &self.redis.url());
         m.extend(self.settings.clone());
         m
     }
@@ -300,20 +289,24 @@ impl TestApp {
         self.get_with(path_and_query, &[]).await
     }
 
+    /// A legacy client of the running relay, on this app's HTTP client.
+    pub fn legacy(&self) -> Legacy {
+        Legacy::with_client(self.addr(), self.http.clone())
+    }
+
     /// `GET /gm?<query>`.
     pub async fn gm(&self, query: &str) -> Reply {
-        self.get(&format!("/gm?{query}")).await
+        self.legacy().gm(query).await
     }
 
     /// `GET /gs?<query>`.
     pub async fn gs(&self, query: &str) -> Reply {
-        self.get(&format!("/gs?{query}")).await
+        self.legacy().gs(query).await
     }
 
     /// Creates GM `gm` named `name`; asserts success.
     pub async fn create_gm(&self, gm: i64, name: &str) {
-        let r = self.gm(&format!("action=create&gm_account={gm}&gm_name={}", enc(name))).await;
-        assert_eq!(r.json(), serde_json::json!({"res": 1}), "create {gm}");
+        self.legacy().create_gm(gm, name).await
     }
 
     /// Befriends `uid` on `host` for `gm`; asserts success.
@@ -348,9 +341,7 @@ impl TestApp {
 
     /// GS `relation` for `host`: (apply `{uid: [gm, name]}`, remove `[uid]`).
     pub async fn relation(&self, host: i64) -> (serde_json::Value, serde_json::Value) {
-        let r = self.gs(&format!("action=relation&host={host}")).await;
-        assert_eq!(r.res(), 1, "{}", r.text());
-        (r.b64_json("apply_data"), r.b64_json("remove_data"))
+        self.legacy().relation(host).await
     }
 }
 

@@ -167,6 +167,11 @@ pub struct Legacy {
 impl Legacy {
     pub fn new(addr: SocketAddr) -> Legacy {
         let http = reqwest::Client::builder().timeout(HTTP_TIMEOUT).build().expect("http client");
+        Self::with_client(addr, http)
+    }
+
+    /// A client on an existing HTTP client (its pool and timeout).
+    pub fn with_client(addr: SocketAddr, http: reqwest::Client) -> Legacy {
         Legacy { base: format!("http://{addr}"), http }
     }
 
