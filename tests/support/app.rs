@@ -10,12 +10,8 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use gm_relay::adapters::http::AppRelay;
-use gm_relay::config::Config;
-use gm_relay::startup::Application;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-use super::relays::Legacy;
+use super::relays::{InProcess, Legacy};
 use super::{wait_until_async, NatsServer, RedisServer};
 
 /// Bound on a relay starting or stopping in a test.
@@ -115,13 +111,6 @@ pub fn enc(text: &str) -> String {
     out
 }
 
-struct InProcess {
-    addr: SocketAddr,
-    relay: Arc<AppRelay>,
-    stop: oneshot::Sender<()>,
-    join: JoinHandle<std::io::Result<()>>,
-}
-
 pub struct TestApp {
     pub nats: NatsServer,
     pub redis: RedisServer,
@@ -168,29 +157,12 @@ impl TestApp {
     /// Starts an in-process relay.
     pub async fn start(&mut self) {
         assert!(self.running.is_none() && self.process.is_none(), "a relay is already running");
-        let config = Config::from_map(&self.config_map()).expect("test config is valid");
-        let app = tokio::time::timeout(RELAY_DEADLINE, Application::build(config))
-            .await
-            .expect("relay starts in time")
-            .expect("relay starts");
-        let addr = app.local_addr();
-        let relay = app.relay();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let join = tokio::spawn(app.run_until_stopped(async move {
-            let _ = stopped.await;
-        }));
-        self.running = Some(InProcess { addr, relay, stop, join });
+        self.running = Some(InProcess::start(&self.config_map()).await);
     }
 
     /// Stops the in-process relay gracefully (as on SIGTERM) and waits for it.
     pub async fn stop(&mut self) {
-        let running = self.running.take().expect("an in-process relay is running");
-        let _ = running.stop.send(());
-        tokio::time::timeout(RELAY_DEADLINE, running.join)
-            .await
-            .expect("relay stops in time")
-            .expect("relay task did not panic")
-            .expect("relay stopped cleanly");
+        self.running.take().expect("an in-process relay is running").stop().await;
     }
 
     /// The in-process relay, to arm fault points or call use cases directly.

@@ -44,26 +44,16 @@ pub fn base_settings(nats_url: &str, redis_url: &str) -> HashMap<String, String>
     .collect()
 }
 
-enum Kind {
-    InProcess {
-        relay: Arc<AppRelay>,
-        stop: Option<oneshot::Sender<()>>,
-        join: Option<JoinHandle<std::io::Result<()>>>,
-    },
-    Process {
-        child: Option<Child>,
-    },
+/// A relay built and run inside the test process.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    pub relay: Arc<AppRelay>,
+    stop: oneshot::Sender<()>,
+    join: JoinHandle<std::io::Result<()>>,
 }
 
-/// One running relay.
-pub struct RelayInstance {
-    kind: Kind,
-    addr: SocketAddr,
-}
-
-impl RelayInstance {
-    /// Builds and runs a relay inside the test process.
-    pub async fn in_process(settings: &HashMap<String, String>) -> RelayInstance {
+impl InProcess {
+    pub async fn start(settings: &HashMap<String, String>) -> InProcess {
         let config = Config::from_map(settings).expect("test config is valid");
         let app = tokio::time::timeout(RELAY_DEADLINE, Application::build(config))
             .await
@@ -75,7 +65,39 @@ impl RelayInstance {
         let join = tokio::spawn(app.run_until_stopped(async move {
             let _ = stopped.await;
         }));
-        RelayInstance { kind: Kind::InProcess { relay, stop: Some(stop), join: Some(join) }, addr }
+        InProcess { addr, relay, stop, join }
+    }
+
+    /// Stops the relay gracefully (as on SIGTERM) and waits for it.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(RELAY_DEADLINE, self.join)
+            .await
+            .expect("relay stops in time")
+            .expect("relay task did not panic")
+            .expect("relay stopped cleanly");
+    }
+}
+
+enum Kind {
+    InProcess { relay: Arc<AppRelay>, running: Option<InProcess> },
+    Process { child: Option<Child> },
+}
+
+/// One running relay.
+pub struct RelayInstance {
+    kind: Kind,
+    addr: SocketAddr,
+}
+
+impl RelayInstance {
+    /// Builds and runs a relay inside the test process.
+    pub async fn in_process(settings: &HashMap<String, String>) -> RelayInstance {
+        let running = InProcess::start(settings).await;
+        RelayInstance {
+            addr: running.addr,
+            kind: Kind::InProcess { relay: Arc::clone(&running.relay), running: Some(running) },
+        }
     }
 
     /// Runs the real `gm-relay serve` binary and waits until it answers `/healthz`.
@@ -135,14 +157,9 @@ impl RelayInstance {
 
     /// Stops an in-process relay gracefully (as on SIGTERM) and waits for it.
     pub async fn stop(&mut self) {
-        if let Kind::InProcess { stop, join, .. } = &mut self.kind {
-            if let (Some(stop), Some(join)) = (stop.take(), join.take()) {
-                let _ = stop.send(());
-                tokio::time::timeout(RELAY_DEADLINE, join)
-                    .await
-                    .expect("relay stops in time")
-                    .expect("relay task did not panic")
-                    .expect("relay stopped cleanly");
+        if let Kind::InProcess { running, .. } = &mut self.kind {
+            if let Some(running) = running.take() {
+                running.stop().await;
             }
         }
     }
