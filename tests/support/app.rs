@@ -11,11 +11,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use gm_relay::adapters::http::AppRelay;
 
-use super::relays::{InProcess, Legacy};
+use super::relays::{InProcess, Legacy, RELAY_DEADLINE};
 use super::{wait_until_async, NatsServer, RedisServer};
-
-/// Bound on a relay starting or stopping in a test.
-pub const RELAY_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Bound on one test HTTP request; polls and sends answer in milliseconds normally.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(20);

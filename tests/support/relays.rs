@@ -4,6 +4,8 @@
 //!
 //! [`super::app::TestApp`] owns its servers and exactly one relay; scale-out needs the
 //! opposite (one set of servers, many relays, some of them killed), so it lives here.
+//! `TestApp` starts its relay and talks to it with the same pieces ([`InProcess`],
+//! [`Legacy`], [`base_settings`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
