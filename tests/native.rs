@@ -128,6 +128,15 @@ async fn native_send_checks_and_idempotency() {
     assert_eq!(errno(native.send(1001, "", "c").await.unwrap()), (json!(false), json!(6)), "empty text");
     assert_eq!(errno(native.send(1001, &"x".repeat(501), "d").await.unwrap()), (json!(false), json!(6)));
 
+    // A key the relay cannot use is refused, not dropped (a retry would be stored twice).
+    for bad in ["order 42", &"k".repeat(65), ""] {
+        assert_eq!(
+            errno(native.send(1001, "x", bad).await.unwrap()),
+            (json!(false), json!(-1)),
+            "key {bad:?}"
+        );
+    }
+
     let first = native.send(1001, "once", "same-key").await.unwrap();
     let retry = native.send(1001, "once", "same-key").await.unwrap();
     assert_eq!(first["ok"], true);

@@ -109,13 +109,13 @@ async fn answer(relay: &AppRelay, verb: &str, message: &async_nats::Message) -> 
                 return error_reply(Errno::BadParam);
             };
             let Some(uid) = Uid::parse(req.uid.as_bytes()) else { return error_reply(Errno::BadParam) };
-            let key = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                .map(|v| v.as_str().to_owned())
-                .filter(|k| valid_key(k));
-            match relay.native_send(host, uid, req.text, key.as_deref()).await {
+            let key = message.headers.as_ref().and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID));
+            // A key that cannot be used is refused, not dropped: without it a retry would
+            // be stored a second time, which the key was sent to prevent.
+            if key.is_some_and(|k| !valid_key(k.as_str())) {
+                return error_reply(Errno::BadParam);
+            }
+            match relay.native_send(host, uid, req.text, key.map(|k| k.as_str())).await {
                 Ok(id) => json!({"ok": true, "id": id}),
                 Err(e) => relay_error_reply(&e, "send"),
             }
@@ -142,7 +142,8 @@ async fn answer(relay: &AppRelay, verb: &str, message: &async_nats::Message) -> 
     }
 }
 
-/// Idempotency keys become part of an event id: printable ASCII, at most 64 bytes.
+/// Idempotency keys become part of an event id: printable ASCII without spaces, at most
+/// 64 bytes.
 fn valid_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= 64 && key.bytes().all(|b| b.is_ascii_graphic())
 }
