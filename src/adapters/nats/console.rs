@@ -242,7 +242,8 @@ impl JetStreamBus {
     ) -> Result<impl Stream<Item = Result<LiveMessage, RelayError>> + Send + 'static, RelayError> {
         self.ensure_connected()?;
         let deliver_policy = match after {
-            Some(seq) => consumer::DeliverPolicy::ByStartSequence { start_sequence: seq + 1 },
+            // `after` comes from the browser: saturate rather than wrap to the stream's start.
+            Some(seq) => consumer::DeliverPolicy::ByStartSequence { start_sequence: seq.saturating_add(1) },
             None => consumer::DeliverPolicy::New,
         };
         let config = consumer::pull::OrderedConfig {
