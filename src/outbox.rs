@@ -22,6 +22,11 @@ pub const OUTBOX_LEASE: &str = "outbox";
 /// most this long.
 const OUTBOX_LEASE_TTL: Duration = Duration::from_secs(5);
 
+/// Time a batch may spend creating its hosts' native consumers before it publishes anyway
+/// (a consumer delivers from the start of the stream whenever it is created): with the
+/// batch's publish bound (3 s, NATS adapter) it keeps a drain round inside the lease.
+const CONSUMER_SETUP_BUDGET: Duration = Duration::from_secs(1);
+
 /// Events published per round trip: enough to keep many publishes in flight, small enough
 /// that a batch finishes well within the lease.
 const OUTBOX_BATCH: usize = 256;
@@ -91,9 +96,18 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
                 batch.iter().filter(|(_, e)| e.kind == EventKind::FriendAdd).map(|(_, e)| e.host).collect();
             hosts.sort();
             hosts.dedup();
+            let give_up = tokio::time::Instant::now() + CONSUMER_SETUP_BUDGET;
             for host in hosts {
-                if let Err(e) = self.bus.ensure_host_consumer(host).await {
-                    tracing::warn!(%host, error = %e, "could not create the host's native consumer; publishing anyway");
+                let created = tokio::time::timeout_at(give_up, self.bus.ensure_host_consumer(host)).await;
+                match created {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(%host, error = %e, "could not create the host's native consumer; publishing anyway");
+                    }
+                    Err(_) => {
+                        tracing::warn!(%host, "creating native consumers took too long; publishing anyway");
+                        break;
+                    }
                 }
             }
             crate::fault_point!(self, "outbox_before_publish");

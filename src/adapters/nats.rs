@@ -105,6 +105,11 @@ pub mod names {
 /// A publish not acknowledged within this is reported as NATS unavailable (errno 10).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Bound on one ordered batch of the outbox, its sends and PubAcks together: a healthy
+/// broker acknowledges a full batch in milliseconds, and the drainer must be done well
+/// inside its 5 s lease (`outbox.rs`), or another relay could publish beside it.
+const ORDERED_BATCH_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// One attempt of a publish; a PubAck normally takes ~0.1 ms, so an attempt this slow was
 /// lost and is retried (same message id) while [`PUBLISH_TIMEOUT`] allows.
 const PUBLISH_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(600);
@@ -531,41 +536,44 @@ impl EventBus for JetStreamBus {
 
     async fn publish_ordered(&self, events: &[(Route, Envelope)]) -> (usize, Option<RelayError>) {
         let started = Instant::now();
-        let result = tokio::time::timeout(PUBLISH_TIMEOUT, async {
-            // Send all, then await acknowledgements in order: one connection keeps the
-            // publish order, and many acks in flight cost one round trip, not N.
-            let mut pending = Vec::with_capacity(events.len());
-            for (route, event) in events {
-                match self.send(*route, event).await {
-                    Ok(ack) => pending.push(ack),
-                    Err(e) => return (pending, Some(e)),
-                }
+        // One bound for the whole batch: a batch in flight when the connection drops or a
+        // leader is lost must not wait out one timeout per event, past the outbox lease.
+        let deadline = tokio::time::Instant::now() + ORDERED_BATCH_TIMEOUT;
+        // Send all, then await acknowledgements in order: one connection keeps the publish
+        // order, and many acks in flight cost one round trip, not N.
+        let mut pending = Vec::with_capacity(events.len());
+        let mut send_error = None;
+        for (route, event) in events {
+            match tokio::time::timeout_at(deadline, self.send(*route, event)).await {
+                Ok(Ok(ack)) => pending.push(ack),
+                Ok(Err(e)) => send_error = Some(e),
+                Err(e) => send_error = Some(unavailable(e)),
             }
-            (pending, None)
-        })
-        .await;
-        let (pending, mut error) = match result {
-            Ok(r) => r,
-            Err(e) => (Vec::new(), Some(unavailable(e))),
-        };
+            if send_error.is_some() {
+                break;
+            }
+        }
+        // What counts as published is the run of acknowledged events from the start of the
+        // batch (events sent before a failed send included); after the first gap the rest
+        // is published again, in order, by the next drain.
         let mut acked = 0;
+        let mut ack_error = None;
         for ack in pending {
-            match tokio::time::timeout(PUBLISH_TIMEOUT, ack.into_future()).await {
-                Ok(Ok(ack)) if error.is_none() => {
+            match tokio::time::timeout_at(deadline, ack.into_future()).await {
+                Ok(Ok(ack)) => {
                     acked += 1;
                     if ack.duplicate {
                         self.metrics.publish_duplicates.with_label_values(&["outbox"]).inc();
                     }
                 }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    error.get_or_insert(unavailable(e));
-                }
-                Err(e) => {
-                    error.get_or_insert(unavailable(e));
-                }
+                Ok(Err(e)) => ack_error = Some(unavailable(e)),
+                Err(e) => ack_error = Some(unavailable(e)),
+            }
+            if ack_error.is_some() {
+                break;
             }
         }
+        let error = ack_error.or(send_error);
         if acked > 0 {
             self.metrics
                 .publish_seconds

@@ -297,3 +297,50 @@ async fn history_copies_survive_a_nats_restart_behind_the_sends() {
     let metrics = app.get("/metrics").await.text();
     assert!(metrics.contains("gm_relay_history_lost_total 0"), "{metrics}");
 }
+
+/// nats-server stopped with SIGSTOP until dropped: connections stay open, nothing answers.
+struct Frozen(u32);
+
+impl Frozen {
+    fn new(pid: u32) -> Frozen {
+        signal(pid, "-STOP");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, "-CONT");
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let sent = std::process::Command::new("kill").arg(sig).arg(pid.to_string()).status().expect("run kill");
+    assert!(sent.success(), "kill {sig} {pid}");
+}
+
+/// An outbox batch whose PubAcks never come gives up within one bound for the whole batch,
+/// not one per event: the drainer must finish inside its 5 s lease, or another relay could
+/// take the lease and publish beside it.
+#[tokio::test]
+async fn an_outbox_batch_without_pubacks_gives_up_within_one_bound() {
+    use gm_relay::domain::ports::{EventBus, Route};
+    use gm_relay::domain::{Envelope, GmId, HostId, Uid};
+    const EVENTS: usize = 20;
+    let app = TestApp::spawn().await;
+    let relay = app.relay();
+    let events: Vec<(Route, Envelope)> = (0..EVENTS)
+        .map(|i| {
+            let event = Envelope::chat(format!("unanswered-{i}"), HostId(HOST), Uid(1001), GmId(GM), "x", 0);
+            (Route::ToHost(HostId(HOST)), event)
+        })
+        .collect();
+    let frozen = Frozen::new(app.nats.pid().expect("nats-server runs"));
+    let started = Instant::now();
+    let (acked, error) = relay.bus().publish_ordered(&events).await;
+    let took = started.elapsed();
+    drop(frozen);
+    assert_eq!(acked, 0, "nothing was acknowledged");
+    assert!(error.is_some(), "the batch reports why it stopped");
+    assert!(took < ANSWER_WITHIN, "the batch took {took:?}");
+}
