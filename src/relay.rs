@@ -31,6 +31,10 @@ const FETCH_BATCH: usize = 1000;
 /// `LEGACY_MAX_ACK_PENDING`) limited.
 const MAX_FETCH_PER_POLL: usize = 10_000;
 
+/// Time after which a poll fetches no further round and serves what it has: with the
+/// 2 s bound on each round it keeps a poll well inside its lease (`POLL_LEASE_TTL`).
+const POLL_FETCH_BUDGET: Duration = Duration::from_secs(4);
+
 /// Players per resync reply page: about 100 bytes each, far below NATS's payload limit.
 pub const RESYNC_PAGE: usize = 1000;
 
@@ -41,8 +45,9 @@ const POLL_TURN_WAIT: Duration = Duration::from_secs(2);
 /// Pause between attempts to take a poll lease held by another relay.
 const POLL_LEASE_RETRY: Duration = Duration::from_millis(5);
 
-/// A poll lease outlives the longest poll (fetch and settle are each bounded well below
-/// this), so a relay that dies mid-poll blocks its feed for at most this long.
+/// A poll lease outlives the longest poll (the turn wait, the fetch budget and the settle
+/// are each bounded well below this), so a relay that dies mid-poll blocks its feed for at
+/// most this long.
 pub const POLL_LEASE_TTL: Duration = Duration::from_secs(15);
 
 /// A friend change answers once committed; it waits up to this long for its event to be
@@ -251,18 +256,23 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             tracing::warn!(feed = %feed.key(), "poll gave up waiting for its turn");
             return Ok(PollTicket::empty());
         };
-        let mut deliveries = Vec::new();
+        // From here the turn and whatever is fetched are owned by a settlement, so a
+        // request dropped mid-fetch (the client went away, the request timed out) naks
+        // them and ends the turn, as for a reply that was not written.
+        let mut fetching = Fetching {
+            settlement: Some(Settlement { relay: Arc::clone(self), settles: Vec::new(), turn: Some(turn) }),
+            deliveries: Vec::new(),
+        };
+        let deliveries = &mut fetching.deliveries;
         let mut planned = None;
+        let give_up = tokio::time::Instant::now() + POLL_FETCH_BUDGET;
         while deliveries.len() < MAX_FETCH_PER_POLL {
-            let batch = match self
-                .bus
-                .fetch(feed, FETCH_BATCH.min(MAX_FETCH_PER_POLL - deliveries.len()))
-                .await
-            {
+            let round = self.bus.fetch(feed, FETCH_BATCH.min(MAX_FETCH_PER_POLL - deliveries.len()));
+            let batch = match round.await {
                 Ok(batch) => batch,
                 // Serve what earlier rounds fetched; a failed first round fails the poll.
                 Err(e) if deliveries.is_empty() => {
-                    self.end_turn(turn).await;
+                    fetching.end().await;
                     return Err(e);
                 }
                 Err(e) => {
@@ -275,16 +285,18 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             // A fetch hands out redeliveries before new messages; stream order is what
             // the protocol promises.
             deliveries.sort_by_key(|d| d.stream_seq);
-            let (reply, settles) = plan(&deliveries);
+            let (reply, settles) = plan(deliveries);
             let full = reply.entries() >= POLL_MAX;
             planned = Some((reply, settles));
-            if !more || full {
+            if !more || full || tokio::time::Instant::now() >= give_up {
                 break;
             }
         }
-        let (reply, settles) = planned.unwrap_or_else(|| plan(&deliveries));
-        let settles = deliveries.into_iter().zip(settles).map(|(d, s)| (d.handle, s)).collect();
-        Ok(PollTicket { reply, settlement: Some(Settlement { relay: Arc::clone(self), settles, turn }) })
+        let (reply, settles) = planned.unwrap_or_else(|| plan(deliveries));
+        let deliveries = std::mem::take(deliveries);
+        let mut settlement = fetching.settlement.take().expect("the settlement is taken once, here");
+        settlement.settles = deliveries.into_iter().zip(settles).map(|(d, s)| (d.handle, s)).collect();
+        Ok(PollTicket { reply, settlement: Some(settlement) })
     }
 
     async fn take_turn(&self, feed: Feed) -> Result<Option<Turn>, RelayError> {
@@ -373,14 +385,17 @@ impl<T: PollReply, S: FriendStore, B: EventBus, R: RoleService> PollTicket<T, S,
 pub struct Settlement<S: FriendStore, B: EventBus, R: RoleService> {
     relay: Arc<Relay<S, B, R>>,
     settles: Vec<(B::Handle, Settle)>,
-    turn: Turn,
+    /// None once finished.
+    turn: Option<Turn>,
 }
 
 impl<S: FriendStore, B: EventBus, R: RoleService> Settlement<S, B, R> {
     /// `written`: the reply reached the client, so ack as planned; otherwise nak everything
     /// so the next poll gets it all again, in order.
-    pub fn finish(self, written: bool) -> tokio::task::JoinHandle<()> {
-        let Settlement { relay, mut settles, turn } = self;
+    pub fn finish(mut self, written: bool) -> tokio::task::JoinHandle<()> {
+        let mut settles = std::mem::take(&mut self.settles);
+        let turn = self.turn.take();
+        let relay = Arc::clone(&self.relay);
         if !written {
             settles.iter_mut().for_each(|(_, s)| *s = Settle::Nak);
         }
@@ -391,7 +406,52 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Settlement<S, B, R> {
                     tracing::warn!(error = %e, "poll acks failed; events will be redelivered");
                 }
             }
-            relay.end_turn(turn).await;
+            if let Some(turn) = turn {
+                relay.end_turn(turn).await;
+            }
         })
+    }
+}
+
+/// A poll between taking its turn and planning its reply: what it has fetched so far, and
+/// the settlement that will own the turn and the acks.
+struct Fetching<S: FriendStore, B: EventBus, R: RoleService> {
+    /// None once handed to the reply.
+    settlement: Option<Settlement<S, B, R>>,
+    deliveries: Vec<Delivery<B::Handle>>,
+}
+
+impl<S: FriendStore, B: EventBus, R: RoleService> Fetching<S, B, R> {
+    /// Ends the turn of a poll that fetched nothing, and waits for it.
+    async fn end(mut self) {
+        if let Some(mut settlement) = self.settlement.take() {
+            if let Some(turn) = settlement.turn.take() {
+                settlement.relay.end_turn(turn).await;
+            }
+        }
+    }
+}
+
+impl<S: FriendStore, B: EventBus, R: RoleService> Drop for Fetching<S, B, R> {
+    fn drop(&mut self) {
+        // Dropped mid-fetch: the settlement (dropped right after) naks what was fetched.
+        if let Some(settlement) = &mut self.settlement {
+            settlement.settles.extend(self.deliveries.drain(..).map(|d| (d.handle, Settle::Nak)));
+        }
+    }
+}
+
+impl<S: FriendStore, B: EventBus, R: RoleService> Drop for Settlement<S, B, R> {
+    fn drop(&mut self) {
+        // Without a runtime (it is shutting down) the lease expires and the broker
+        // redelivers after its ack wait: late, but nothing is lost.
+        if self.turn.is_some() && tokio::runtime::Handle::try_current().is_ok() {
+            let unfinished = Settlement {
+                relay: Arc::clone(&self.relay),
+                settles: std::mem::take(&mut self.settles),
+                turn: self.turn.take(),
+            };
+            unfinished.finish(false);
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::common::*;
-use crate::support::app::{b64, enc, stored_events, Reply, TestApp};
+use crate::support::app::{b64, enc, stored_events, wait_poll_leases_released, Reply, TestApp};
 use crate::support::wait_until_async;
 
 const HOST: i64 = 3;
@@ -343,4 +343,22 @@ async fn an_outbox_batch_without_pubacks_gives_up_within_one_bound() {
     assert_eq!(acked, 0, "nothing was acknowledged");
     assert!(error.is_some(), "the batch reports why it stopped");
     assert!(took < ANSWER_WITHIN, "the batch took {took:?}");
+}
+
+/// A poll dropped while it fetches (its client went away, or the request timed out) ends
+/// its turn at once: the feed's lease is released, not left to block every relay's polls
+/// of that feed until it expires (15 s).
+#[tokio::test]
+async fn a_poll_dropped_mid_fetch_releases_its_lease() {
+    use gm_relay::domain::HostId;
+    let app = TestApp::spawn().await;
+    befriended(&app).await;
+    app.wait_polls_settled(DEADLINE).await;
+    let relay = app.relay();
+    let frozen = Frozen::new(app.nats.pid().expect("nats-server runs"));
+    let poll = tokio::time::timeout(Duration::from_millis(500), relay.gs_receive(HostId(HOST))).await;
+    assert!(poll.is_err(), "the poll cannot finish while nats-server is frozen");
+    // Redis still answers: the dropped poll's lease must go now, well before its TTL.
+    wait_poll_leases_released(&app.redis_conn().await, Duration::from_secs(2)).await;
+    drop(frozen);
 }
