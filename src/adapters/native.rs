@@ -53,7 +53,7 @@ fn relay_error_reply(e: &RelayError, what: &str) -> serde_json::Value {
     }
 }
 
-/// Serves native requests until `stop` flips.
+/// Serves native requests until `stop` flips, then waits for those in flight.
 pub async fn serve(
     relay: Arc<AppRelay>,
     metrics: Arc<Metrics>,
@@ -93,6 +93,11 @@ pub async fn serve(
         });
     }
     service.stop().await?;
+    // Requests already taken finish — replied to, their history copies queued — before the
+    // relay flushes its history writer and closes the connection. The caller bounds this
+    // wait by the shutdown timeout.
+    let all = u32::try_from(MAX_IN_FLIGHT).unwrap_or(u32::MAX);
+    let _ = permits.acquire_many(all).await;
     Ok(())
 }
 
