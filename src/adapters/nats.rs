@@ -153,9 +153,9 @@ pub const MAX_CONSUMERS_PER_STREAM: i32 = 30_000;
 
 /// After the server refused to create a consumer (the stream's consumer limit, say), polls
 /// of its feed fail at once (errno 10) for this long instead of asking again: a host polls
-/// every second or so, and each refused creation costs the server three API calls (look up,
-/// create, look up again), so a
-/// thousand such hosts would otherwise keep JetStream's API busy with nothing else.
+/// every second or so, and each refused creation costs the server three API calls (look
+/// up, create, look up again), so a thousand such hosts would otherwise keep JetStream's
+/// API busy with nothing else.
 const CREATE_RETRY_PAUSE: Duration = Duration::from_secs(5);
 
 /// Failed creations remembered at once; past it the oldest are forgotten (a forgotten one
