@@ -282,6 +282,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             };
             let more = batch.len() == FETCH_BATCH;
             deliveries.extend(batch);
+            crate::fault_point!(self, "poll_after_fetch");
             // A fetch hands out redeliveries before new messages; stream order is what
             // the protocol promises.
             deliveries.sort_by_key(|d| d.stream_seq);

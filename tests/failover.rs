@@ -16,7 +16,7 @@
 //! publish never reached the stream; see the README), so such texts may repeat; polls
 //! deliver at least once (acks lost with a dying node mean redelivery after the ack wait).
 //! The relay is killed between polls (the test holds the pollers back for the moment):
-//! a relay killed mid-poll delays that poll's messages by the ack wait (30 s), which the
+//! a relay killed mid-poll delays that feed by its poll lease (15 s), which the
 //! durability suite covers with a single relay.
 //!
 //! Bounded: 10-16 s on 2 cores (most of it the stream leader election); every wait has a
@@ -58,7 +58,7 @@ const PHASE_DEADLINE: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(2500);
 
 /// Bound on every acknowledged message arriving at the end. Messages whose acks died with
-/// the killed node come back after the consumers' 30 s ack wait.
+/// the killed node come back after the consumers' ack wait (10 s for the legacy ones).
 const DELIVERY_DEADLINE: Duration = Duration::from_secs(40);
 
 /// A pause longer than this fails the test. Electing a stream's new leader takes 4-9 s

@@ -1,7 +1,7 @@
 //! The soak mode of the benchmark in the test suite: 8 s of mixed traffic at 100 msg/s with
 //! the relay killed (`kill -9`) and restarted every 4 s; every acknowledged message must be
 //! delivered. The soak pauses its legacy pollers around a kill, so no poll's acks die with
-//! the relay and the drain does not wait out the 30 s ack wait: the run takes ~15 s.
+//! the relay and the drain does not wait out a poll lease and ack wait: the run takes ~15 s.
 
 use std::process::Command;
 use std::time::{Duration, Instant};

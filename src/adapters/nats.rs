@@ -125,8 +125,12 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Redelivery of a poll's events if its acks never arrive (relay died mid-poll). Longer
-/// than any poll, short enough that a host does not miss chat for long.
-pub const LEGACY_ACK_WAIT: Duration = Duration::from_secs(30);
+/// than a poll's fetching (a little over 4 s at most), and shorter than the poll lease
+/// (15 s, `relay::POLL_LEASE_TTL`): when a dead relay's lease expires, what it fetched is
+/// already due again, and the next poll gets it before anything newer, in stream order.
+/// Were it longer, the next polls would serve newer events first and the old ones after
+/// (a friend add after the remove that undid it).
+pub const LEGACY_ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// Events fetched but not yet acked per legacy consumer: one poll's worth (1,000) plus
 /// the nak'd remainders of busy conversations, with room to spare.
@@ -376,6 +380,16 @@ impl JetStreamBus {
         let definite = |e: Option<&jetstream::Error>| e.is_some_and(|j| j.code() != 503);
         let result = tokio::time::timeout(API_TIMEOUT, async {
             match self.js.get_consumer_from_stream(name, stream).await {
+                // A consumer an earlier relay version created keeps its configuration: bring
+                // the ack wait (editable, and shortened since) up to date. If that fails the
+                // old one serves on; the next start tries again.
+                Ok(mut c) if c.cached_info().config.ack_wait != config.ack_wait => {
+                    match self.js.update_consumer_on_stream(config.clone(), stream).await {
+                        Ok(updated) => c = updated,
+                        Err(e) => tracing::warn!(consumer = name, error = %e, "could not update the consumer's ack wait"),
+                    }
+                    Ok(c)
+                }
                 Ok(c) => Ok(c),
                 Err(e) if not_found(&e) => {
                     match self.js.create_consumer_strict_on_stream(config, stream).await {

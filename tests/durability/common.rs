@@ -158,7 +158,7 @@ pub async fn next_relation(app: &TestApp, host: i64) -> Relation {
 
 /// Waits until the legacy consumer `durable` has nothing unacked (the last poll's acks
 /// landed), then asserts nothing is pending either: nothing more can ever be delivered
-/// from it, so nothing can turn up twice later (e.g. after the 30 s ack wait).
+/// from it, so nothing can turn up twice later (e.g. after the 10 s ack wait).
 pub async fn assert_consumer_drained(app: &TestApp, stream: &str, durable: &str) {
     let js = app.jetstream().await;
     wait_until_async(DEADLINE, &format!("{durable} has no unacked message"), || {

@@ -29,7 +29,7 @@ const SENDS: usize = 90;
 const SEND_EVERY: Duration = Duration::from_millis(15);
 
 /// Redelivery of what the dead relay fetched but never acked takes the legacy consumers'
-/// ack wait (30 s); the dead relay's poll leases expire after 15 s.
+/// ack wait (10 s); the dead relay's poll leases expire after 15 s.
 const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
 
 #[derive(Default)]

@@ -5,7 +5,7 @@
 //! Run: `GM_RELAY_NATS_SERVER=$PWD/var/venv/bin/nats-server cargo test --test durability`.
 //!
 //! Timing: the outbox lease lives 5 s, a poll lease 15 s and the legacy consumers' ack wait
-//! is 30 s. Tests that kill a relay do it between polls (after the poll leases are gone, so
+//! is 10 s. Tests that kill a relay do it between polls (after the poll leases are gone, so
 //! every answered poll's acks are applied); then nothing has to wait for a redelivery.
 
 #[path = "../support/mod.rs"]

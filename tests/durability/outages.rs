@@ -85,7 +85,7 @@ async fn nats_down_answers_errno_10_then_recovers_by_itself() {
     wait_until_async(DEADLINE, "the outbox is drained", || async { outbox_len(&app).await == 0 }).await;
     assert_eq!(app.relation(HOST).await, no_changes());
     // The polls that failed during the outage took nothing: what waited comes on the next
-    // polls (not after the 30 s ack wait), in order. Whether the errno-10 sends show up
+    // polls (not after the ack wait), in order. Whether the errno-10 sends show up
     // is the next test's business; here they are left out.
     let not_lost = |texts: &[String]| -> Vec<String> {
         texts.iter().filter(|t| !t.starts_with("lost")).cloned().collect()

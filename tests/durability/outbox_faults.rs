@@ -1,13 +1,16 @@
 //! The outbox's fault points: a relay that dies between committing a friend change and
 //! publishing its event, or between publishing and removing the outbox entry, loses nothing
-//! and publishes nothing twice.
+//! and publishes nothing twice. Also a relay that dies in the middle of a relation poll.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use gm_relay::relay::POLL_LEASE_TTL;
 
 use serde_json::json;
 
 use crate::common::*;
-use crate::support::app::{stored_events, StoredEvent, TestApp};
+use crate::support::app::{consumer_backlog, stored_events, StoredEvent, TestApp};
 use crate::support::wait_until_async;
 
 const HOST: i64 = 3;
@@ -127,4 +130,48 @@ async fn request_parked_after_commit_then_restart_keeps_the_friendship_and_its_e
     assert_eq!(r.errno(), Some(3), "the friendship survived: {}", r.text());
     wait_outbox_drained(&app, OUTBOX_LEASE_TTL + Duration::from_secs(3)).await;
     assert_applied_once(&app).await;
+}
+
+/// A relay killed after a relation poll fetched a friend add, before it answered: by the
+/// time its poll lease expires the add is due again (the ack wait is shorter than the
+/// lease), so the next relay's poll gets it together with the remove that undid it and
+/// answers the latest state, leaving nothing to come back later out of order.
+#[tokio::test]
+async fn killed_mid_poll_the_next_relay_serves_the_feed_in_order() {
+    let mut app = TestApp::servers_only(&[]);
+    app.start_process(&[("GM_RELAY_FAULTS", "poll_after_fetch")]).await;
+    app.create_gm(GM, GM_NAME).await;
+    app.add(GM, HOST, UID).await;
+    // The poll fetches the add and parks; its client waits, so nothing cancels it.
+    let url = format!("{}/gs?action=relation&host={HOST}", app.base_url());
+    let parked = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
+    let js = app.jetstream().await;
+    let durable = format!("legacy_rel_{HOST}");
+    wait_until_async(DEADLINE, "the parked poll fetched the add", || {
+        let (js, durable) = (&js, &durable);
+        async move { consumer_backlog(js, "GM_TO_HOST", durable).await.is_some_and(|(_, acking)| acking == 1) }
+    })
+    .await;
+    app.kill_process();
+    assert!(parked.await.expect("joined").is_err(), "the parked poll never answered");
+
+    app.start_process(&[]).await;
+    del_ok(&app, UID).await;
+    let got = Mutex::new(None);
+    wait_until_async(POLL_LEASE_TTL + DEADLINE, "a relation poll is served again", || {
+        let got = &got;
+        let app = &app;
+        async move {
+            let r = app.relation(HOST).await;
+            let served = r != no_changes();
+            if served {
+                *got.lock().unwrap() = Some(r);
+            }
+            served
+        }
+    })
+    .await;
+    assert_eq!(got.into_inner().unwrap(), Some((json!({}), json!(["1001"]))), "the latest state");
+    assert_consumer_drained(&app, "GM_TO_HOST", &durable).await;
+    assert_eq!(app.relation(HOST).await, no_changes(), "nothing comes back later");
 }

@@ -1,4 +1,5 @@
-//! A relay restarting in the middle of a conversation loses nothing and repeats nothing.
+//! A relay restarting in the middle of a conversation loses nothing and repeats nothing;
+//! a relay taking over consumers an earlier version created brings them up to date.
 
 use serde_json::json;
 
@@ -139,4 +140,30 @@ async fn kill_9_between_polls_loses_and_repeats_nothing() {
     assert_eq!(next_relation(&app, HOST).await, (json!({"1004": ["7", "Alice"]}), json!(["1003"])));
     assert_eq!(app.relation(HOST).await, no_changes());
     assert_consumer_drained(&app, "GM_TO_HOST", "legacy_rel_3").await;
+}
+
+/// A legacy consumer created by an earlier relay version, with the old 30 s ack wait, is
+/// brought to the current ack wait when a relay first uses it.
+#[tokio::test]
+async fn a_legacy_consumer_with_the_old_ack_wait_is_updated() {
+    use async_nats::jetstream::consumer;
+    let app = TestApp::spawn().await;
+    app.create_gm(GM, GM_NAME).await;
+    let js = app.jetstream().await;
+    let durable = "legacy_rel_3";
+    let old = consumer::pull::Config {
+        durable_name: Some(durable.to_owned()),
+        filter_subject: "gm.to.host.3".to_owned(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: std::time::Duration::from_secs(30),
+        max_deliver: -1,
+        max_ack_pending: 20_000,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    };
+    js.create_consumer_on_stream(old, "GM_TO_HOST").await.expect("the old consumer");
+    app.add(GM, 3, 1001).await;
+    assert_eq!(app.relation(3).await, (json!({"1001": ["7", "Alice"]}), json!([])), "served as before");
+    let mut c: consumer::PullConsumer = js.get_consumer_from_stream(durable, "GM_TO_HOST").await.unwrap();
+    assert_eq!(c.info().await.unwrap().config.ack_wait, gm_relay::adapters::nats::LEGACY_ACK_WAIT);
 }

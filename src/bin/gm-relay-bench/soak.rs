@@ -13,8 +13,9 @@
 //!
 //! Kills land only between legacy polls: the pollers pause around a kill (the fault waits
 //! for the poll in flight to finish and its acks to settle). A relay killed mid-poll would
-//! hold that feed's messages until the 30 s ack wait redelivers them; pausing keeps the
-//! drain at the end short. Senders and the native consumer keep running through a kill.
+//! hold that feed for its 15 s poll lease (its messages come again after the 10 s ack
+//! wait, first); pausing keeps the drain at the end short. Senders and the native consumer
+//! keep running through a kill.
 //!
 //! Exit code 1 when an acknowledged message (`res: 1` / `ok: true`) was never delivered
 //! within the drain bound.
@@ -48,8 +49,9 @@ const PLAYERS_PER_HOST: i64 = 6;
 const LEGACY_UID_BASE: i64 = 1001;
 const NATIVE_UID_BASE: i64 = 2001;
 
-/// Upper bound on the wait for acknowledged messages after the traffic stops (legacy
-/// consumers redeliver after their 30 s ack wait).
+/// Upper bound on the wait for acknowledged messages after the traffic stops (a feed whose
+/// poll died with the relay waits out its 15 s lease; legacy consumers redeliver after
+/// their 10 s ack wait).
 const DRAIN_BOUND: Duration = Duration::from_secs(45);
 /// Listening on after the last acknowledged message arrived, to catch late repeats.
 const DRAIN_TAIL: Duration = Duration::from_secs(2);
