@@ -125,11 +125,11 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Redelivery of a poll's events if its acks never arrive (relay died mid-poll). Longer
-/// than a poll's fetching (a little over 4 s at most), and shorter than the poll lease
-/// (15 s, `relay::POLL_LEASE_TTL`): when a dead relay's lease expires, what it fetched is
-/// already due again, and the next poll gets it before anything newer, in stream order.
-/// Were it longer, the next polls would serve newer events first and the old ones after
-/// (a friend add after the remove that undid it).
+/// than a poll's fetching (at most 6 s: a 4 s budget, then one last round of up to 2 s),
+/// and shorter than the poll lease (15 s, `relay::POLL_LEASE_TTL`): when a dead relay's
+/// lease expires, what it fetched is already due again, and the next poll gets it before
+/// anything newer, in stream order. Were it longer, the next polls would serve newer events
+/// first and the old ones after (a friend add after the remove that undid it).
 pub const LEGACY_ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// Events fetched but not yet acked per legacy consumer: one poll's worth (1,000) plus
