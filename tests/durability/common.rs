@@ -140,8 +140,13 @@ pub fn no_changes() -> Relation {
 
 /// Relation polls of `host` until one is not empty; returns it.
 pub async fn next_relation(app: &TestApp, host: i64) -> Relation {
+    next_relation_within(app, host, DEADLINE).await
+}
+
+/// [`next_relation`] with a deadline of its own.
+pub async fn next_relation_within(app: &TestApp, host: i64, deadline: Duration) -> Relation {
     let got = Mutex::new(None);
-    wait_until_async(DEADLINE, &format!("a friend event reaches host {host}"), || {
+    wait_until_async(deadline, &format!("a friend event reaches host {host}"), || {
         let got = &got;
         async move {
             let r = app.relation(host).await;
