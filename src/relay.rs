@@ -25,10 +25,11 @@ pub use crate::domain::poll::MAX_ENTRIES_PER_POLL as POLL_MAX;
 const FETCH_BATCH: usize = 1000;
 
 /// Messages one poll may fetch. A poll keeps fetching while its reply has room and the
-/// feed has more, so one player's backlog (nak'd beyond 10) cannot crowd out everyone
-/// else's messages, and a relation poll pages through chat it does not serve quickly. The
-/// bound keeps a poll's cost (and the consumer's unacked count, see the NATS adapter's
-/// `LEGACY_MAX_ACK_PENDING`) limited.
+/// feed has more, so one player's backlog (nak'd beyond 10, and redelivered first) does
+/// not crowd out everyone else's messages while it is under this many; a larger one
+/// does, until it drains 10 per poll. A relation poll pages through chat it does not serve
+/// quickly. The bound keeps a poll's cost (and the consumer's unacked count, see the NATS
+/// adapter's `LEGACY_MAX_ACK_PENDING`) limited.
 const MAX_FETCH_PER_POLL: usize = 10_000;
 
 /// Time after which a poll fetches no further round and serves what it has: with the
