@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::common::*;
 use crate::support::app::{b64, enc, stored_events, wait_poll_leases_released, Reply, TestApp};
-use crate::support::wait_until_async;
+use crate::support::{send_signal, wait_until_async};
 
 const HOST: i64 = 3;
 
@@ -303,20 +303,15 @@ struct Frozen(u32);
 
 impl Frozen {
     fn new(pid: u32) -> Frozen {
-        signal(pid, "-STOP");
+        send_signal(pid, "-STOP");
         Frozen(pid)
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        signal(self.0, "-CONT");
+        send_signal(self.0, "-CONT");
     }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let sent = std::process::Command::new("kill").arg(sig).arg(pid.to_string()).status().expect("run kill");
-    assert!(sent.success(), "kill {sig} {pid}");
 }
 
 /// An outbox batch whose PubAcks never come gives up within one bound for the whole batch,

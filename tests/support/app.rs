@@ -216,8 +216,7 @@ impl TestApp {
     /// SIGTERM to the relay process; waits (bounded) for it to exit and returns its status.
     pub fn terminate_process(&mut self, within: Duration) -> std::process::ExitStatus {
         let (mut child, _) = self.process.take().expect("a relay process is running");
-        let sent = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().expect("run kill");
-        assert!(sent.success(), "kill -TERM failed");
+        super::send_signal(child.id(), "-TERM");
         let started = std::time::Instant::now();
         loop {
             if let Some(status) = child.try_wait().expect("poll the relay") {

@@ -559,6 +559,12 @@ fn redis_command(port: u16, command: &str) -> io::Result<String> {
     }
 }
 
+/// Sends signal `sig` (as `kill` names it: `-TERM`, `-STOP`, `-CONT`) to process `pid`.
+pub fn send_signal(pid: u32, sig: &str) {
+    let sent = std::process::Command::new("kill").arg(sig).arg(pid.to_string()).status().expect("run kill");
+    assert!(sent.success(), "kill {sig} {pid}");
+}
+
 pub mod app;
 pub mod cluster;
 pub mod console;
