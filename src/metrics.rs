@@ -25,6 +25,10 @@ pub struct Metrics {
     /// Acknowledgements saying the stream already held that `Nats-Msg-Id` (a retry or an
     /// outbox republish whose first copy was stored), by route: dropped, not stored twice.
     pub publish_duplicates: IntCounterVec,
+    /// Publishes that ended without the broker's acknowledgement — refused, timed out or
+    /// disconnected — by route (`to_host`, `to_gm`, `outbox`). A chat send answered errno
+    /// 10; an outbox event stays in the outbox and is published again by the next drain.
+    pub publish_failures: IntCounterVec,
     /// History copies of delivered chat messages that could not be written (the console's
     /// history misses them; the delivery streams still hold the messages).
     pub history_lost: IntCounter,
@@ -78,6 +82,11 @@ impl Metrics {
             &["route"],
         )
         .expect("static metric definition");
+        let publish_failures = IntCounterVec::new(
+            Opts::new("publish_failures_total", "Publishes that ended without the broker's acknowledgement"),
+            &["route"],
+        )
+        .expect("static metric definition");
         let history_lost = IntCounter::new(
             "history_lost_total",
             "Delivered chat messages whose console history copy could not be written",
@@ -96,6 +105,7 @@ impl Metrics {
             Box::new(rate_limited.clone()),
             Box::new(publish_retries.clone()),
             Box::new(publish_duplicates.clone()),
+            Box::new(publish_failures.clone()),
             Box::new(history_lost.clone()),
             Box::new(log_lines_dropped.clone()),
         ] {
@@ -110,6 +120,7 @@ impl Metrics {
             rate_limited,
             publish_retries,
             publish_duplicates,
+            publish_failures,
             history_lost,
             log_lines_dropped,
             log_lines_synced: AtomicU64::new(0),

@@ -129,13 +129,6 @@ where
     (polls, served)
 }
 
-async fn metric(client: &Legacy, name_and_labels: &str) -> u64 {
-    let body = client.get("/metrics").await.text();
-    body.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|v| v.trim().parse::<f64>().ok()))
-        .map_or(0, |v| v as u64)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_through_both_relays_is_delivered_exactly_once_in_order() {
     let nats = NatsServer::start();
@@ -309,7 +302,7 @@ async fn friend_changes_through_both_relays_publish_once_in_commit_order() {
     // One drainer at a time: two drainers at once would have published the same entries
     // twice, which the stream acknowledges as duplicates.
     for client in &clients {
-        assert_eq!(metric(client, "gm_relay_publish_duplicates_total{route=\"outbox\"}").await, 0);
+        assert_eq!(client.metric("gm_relay_publish_duplicates_total{route=\"outbox\"}").await, 0);
     }
     let mut conn =
         redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();

@@ -32,6 +32,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::domain::event::ENVELOPE_VERSION;
+use crate::domain::order;
 use crate::domain::ports::{Delivery, EventBus, Feed, Route, Settle};
 use crate::domain::{Backend, Envelope, HostId, RelayError};
 use crate::metrics::Metrics;
@@ -497,12 +498,16 @@ impl JetStreamBus {
             let error = match attempt.await {
                 Ok(Ok(ack)) => break ack,
                 Ok(Err(e)) => e,
-                Err(elapsed) if attempt_end == deadline => return Err(unavailable(elapsed)),
+                Err(elapsed) if attempt_end == deadline => {
+                    self.metrics.publish_failures.with_label_values(&[Self::route_label(route)]).inc();
+                    return Err(unavailable(elapsed));
+                }
                 Err(elapsed) => unavailable(elapsed),
             };
             if self.ensure_connected().is_err()
                 || tokio::time::Instant::now() + PUBLISH_RETRY_PAUSE >= deadline
             {
+                self.metrics.publish_failures.with_label_values(&[Self::route_label(route)]).inc();
                 return Err(error);
             }
             tracing::debug!(%id, error = %error, "publish not acknowledged; retrying with the same id");
@@ -554,48 +559,57 @@ impl EventBus for JetStreamBus {
         // One bound for the whole batch: a batch in flight when the connection drops or a
         // leader is lost must not wait out one timeout per event, past the outbox lease.
         let deadline = tokio::time::Instant::now() + ORDERED_BATCH_TIMEOUT;
-        // Send all, then await acknowledgements in order: one connection keeps the publish
-        // order, and many acks in flight cost one round trip, not N.
-        let mut pending = Vec::with_capacity(events.len());
-        let mut send_error = None;
-        for (route, event) in events {
-            match tokio::time::timeout_at(deadline, self.send(*route, event)).await {
-                Ok(Ok(ack)) => pending.push(ack),
-                Ok(Err(e)) => send_error = Some(e),
-                Err(e) => send_error = Some(unavailable(e)),
+        let rounds = order::publish_rounds(events.iter().map(|(_, event)| event));
+        let mut acked = vec![false; events.len()];
+        let mut error = None;
+        // Within a round, send all, then await the acknowledgements: one connection keeps
+        // the publish order, and many acks in flight cost one round trip, not N.
+        for round in 0..=rounds.iter().copied().max().unwrap_or(0) {
+            let mut pending = Vec::new();
+            for (i, (route, event)) in events.iter().enumerate().filter(|(i, _)| rounds[*i] == round) {
+                match tokio::time::timeout_at(deadline, self.send(*route, event)).await {
+                    Ok(Ok(ack)) => pending.push((i, ack)),
+                    Ok(Err(e)) => error = Some(e),
+                    Err(e) => error = Some(unavailable(e)),
+                }
+                if error.is_some() {
+                    self.metrics.publish_failures.with_label_values(&["outbox"]).inc();
+                    break;
+                }
             }
-            if send_error.is_some() {
+            for (i, ack) in pending {
+                match tokio::time::timeout_at(deadline, ack.into_future()).await {
+                    Ok(Ok(ack)) => {
+                        acked[i] = true;
+                        if ack.duplicate {
+                            self.metrics.publish_duplicates.with_label_values(&["outbox"]).inc();
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        self.metrics.publish_failures.with_label_values(&["outbox"]).inc();
+                        error.get_or_insert(unavailable(e));
+                    }
+                    Err(e) => {
+                        self.metrics.publish_failures.with_label_values(&["outbox"]).inc();
+                        error.get_or_insert(unavailable(e));
+                    }
+                }
+            }
+            if error.is_some() {
                 break;
             }
         }
         // What counts as published is the run of acknowledged events from the start of the
-        // batch (events sent before a failed send included); after the first gap the rest
-        // is published again, in order, by the next drain.
-        let mut acked = 0;
-        let mut ack_error = None;
-        for ack in pending {
-            match tokio::time::timeout_at(deadline, ack.into_future()).await {
-                Ok(Ok(ack)) => {
-                    acked += 1;
-                    if ack.duplicate {
-                        self.metrics.publish_duplicates.with_label_values(&["outbox"]).inc();
-                    }
-                }
-                Ok(Err(e)) => ack_error = Some(unavailable(e)),
-                Err(e) => ack_error = Some(unavailable(e)),
-            }
-            if ack_error.is_some() {
-                break;
-            }
-        }
-        let error = ack_error.or(send_error);
-        if acked > 0 {
+        // batch; from the first gap on, the next drain publishes again, in order (what was
+        // stored already is de-duplicated by its id).
+        let prefix = acked.iter().take_while(|&&a| a).count();
+        if prefix > 0 {
             self.metrics
                 .publish_seconds
                 .with_label_values(&["outbox"])
                 .observe(started.elapsed().as_secs_f64());
         }
-        (acked, error)
+        (prefix, error)
     }
 
     async fn fetch(&self, feed: Feed, max: usize) -> Result<Vec<Delivery<Self::Handle>>, RelayError> {

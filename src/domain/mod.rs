@@ -5,6 +5,7 @@
 pub mod error;
 pub mod event;
 pub mod ids;
+pub mod order;
 pub mod poll;
 pub mod ports;
 pub mod rate;

@@ -77,8 +77,10 @@ pub trait EventBus: Send + Sync + 'static {
         event: &Envelope,
     ) -> impl Future<Output = Result<u64, RelayError>> + Send;
 
-    /// Publishes several events in order and waits for all acknowledgements. Returns how
-    /// many of the leading events were acknowledged, so the caller knows the safe prefix.
+    /// Publishes several events given in commit order and waits for their acknowledgements,
+    /// never sending an event before the earlier ones of its key were acknowledged (see
+    /// [`crate::domain::order::publish_rounds`]). Returns how many of the leading events
+    /// were acknowledged, so the caller knows the safe prefix.
     fn publish_ordered(
         &self,
         events: &[(Route, Envelope)],

@@ -1,9 +1,11 @@
 //! The outbox's fault points: a relay that dies between committing a friend change and
 //! publishing its event, or between publishing and removing the outbox entry, loses nothing
-//! and publishes nothing twice. Also a relay that dies in the middle of a relation poll.
+//! and publishes nothing twice. Also a relay that dies in the middle of a relation poll,
+//! and a broker that refuses one event of a batch.
 
 use std::time::{Duration, Instant};
 
+use gm_relay::domain::text::GM_NAME_MAX_CHARS;
 use gm_relay::relay::POLL_LEASE_TTL;
 
 use serde_json::json;
@@ -161,4 +163,65 @@ async fn killed_mid_poll_the_next_relay_serves_the_feed_in_order() {
     assert_eq!(served, (json!({}), json!(["1001"])), "the latest state");
     assert_consumer_drained(&app, "GM_TO_HOST", &durable).await;
     assert_eq!(app.relation(HOST).await, no_changes(), "nothing comes back later");
+}
+
+/// Sets `GM_TO_HOST`'s `max_msg_size` (-1: no limit): a broker that refuses some events
+/// and stores others, as a stream limit or a leader change mid-batch does.
+async fn set_max_msg_size(app: &TestApp, bytes: i32) {
+    let js = app.jetstream().await;
+    let mut stream = js.get_stream("GM_TO_HOST").await.expect("GM_TO_HOST");
+    let mut config = stream.info().await.expect("stream info").config.clone();
+    config.max_message_size = bytes;
+    js.update_stream(config).await.expect("update GM_TO_HOST");
+}
+
+/// A friend event the broker refuses holds back the player's next one: a remove that does
+/// not fit the stream, then another GM's add of the same player, are stored in the order
+/// they were committed once the broker takes them. Sent together, the add would be stored
+/// first and the remove after it, and a host reading in stream order would end with the
+/// player removed while Redis says it is the other GM's.
+#[tokio::test]
+async fn a_refused_friend_event_is_not_overtaken_by_the_players_next_one() {
+    const OTHER_GM: i64 = 8;
+    let app = TestApp::spawn().await;
+    // Names of very different sizes make the events differ in size by far more than their
+    // headers: a limit at the first add's payload refuses the remove and stores the new add.
+    app.create_gm(GM, &"😀".repeat(GM_NAME_MAX_CHARS)).await;
+    app.create_gm(OTHER_GM, "B").await;
+    app.add(GM, HOST, UID).await;
+    wait_outbox_drained(&app, DEADLINE).await;
+    let first = friend_events(&app).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    let limit = serde_json::to_vec(&first[0].body).expect("JSON").len();
+    set_max_msg_size(&app, i32::try_from(limit).expect("small")).await;
+
+    // Both committed; each reply waited its bounded 2 s for a publish that did not come.
+    del_ok(&app, UID).await;
+    app.add(OTHER_GM, HOST, UID).await;
+    let failures = r#"gm_relay_publish_failures_total{route="outbox"}"#;
+    let before = app.legacy().metric(failures).await;
+    // Two more refused drains, both begun after the add was committed: each had the remove
+    // and the add in its batch.
+    wait_until_async(DEADLINE, "two more refused drains", || async {
+        app.legacy().metric(failures).await >= before + 2
+    })
+    .await;
+    let stored = friend_events(&app).await;
+    assert_eq!(stored.len(), 1, "the add was stored ahead of the refused remove: {stored:?}");
+    assert_eq!(outbox_len(&app).await, 2);
+
+    set_max_msg_size(&app, -1).await;
+    wait_outbox_drained(&app, DEADLINE).await;
+    let order: Vec<(String, String, u64)> = friend_events(&app)
+        .await
+        .iter()
+        .map(|e| {
+            let field = |k: &str| e.body[k].as_str().unwrap_or_default().to_owned();
+            (field("type"), field("gm"), e.body["rev"].as_u64().unwrap_or_default())
+        })
+        .collect();
+    let want = [("friend_add", "7", 1), ("friend_remove", "7", 2), ("friend_add", "8", 3)]
+        .map(|(t, gm, rev)| (t.to_owned(), gm.to_owned(), rev));
+    assert_eq!(order, want, "stored in commit order");
+    assert_eq!(player_gm(&app, UID).await.as_deref(), Some("8"));
 }
