@@ -53,11 +53,16 @@ fn quick_benchmark_reports_every_workload() {
     for key in ["gm_http_max_per_s", "gs_http_max_per_s", "native_max_per_s", "gm_http_to_native_p99_ms"] {
         positive(&w["w2"][key], &format!("W2 {key}"));
     }
-    // Each path's fastest maximum phase with the W0 runs beside it, which the verdict uses.
+    // Each path's share rounds with the W0 runs beside each, and their median, which the
+    // verdict uses.
     for path in ["gm_http", "gs_http", "native"] {
-        let b = &w["w2"]["best_beside_w0"][path];
-        for key in ["rate_per_s", "w0_before_per_s", "w0_after_per_s", "pct_of_w0_beside"] {
-            positive(&b[key], &format!("W2 {path} beside W0: {key}"));
+        let r = &w["w2"]["share_rounds_beside_w0"][path];
+        let rounds = r["rounds"].as_array().unwrap_or_else(|| panic!("W2 {path}: no share rounds"));
+        assert_eq!(rounds.len(), 2, "W2 {path}: the quick run has two share rounds: {r:#}");
+        for b in rounds.iter().chain([&r["median"]]) {
+            for key in ["rate_per_s", "w0_before_per_s", "w0_after_per_s", "pct_of_w0_beside"] {
+                positive(&b[key], &format!("W2 {path} beside W0: {key}"));
+            }
         }
     }
     for mode in ["sync_1s", "sync_always"] {

@@ -11,7 +11,9 @@
 //! mean of the two W0 runs beside it. This VM's speed drifts by more than the targets'
 //! margins within minutes — W0 alone measured 52,000 and 88,000 msg/s on the same build
 //! within the hour — so a ratio to a W0 taken minutes earlier measures the drift as much
-//! as the relay.
+//! as the relay. Even beside it, one 8-second phase against two ~1-second W0 runs moved
+//! by several points of share between runs of the same build, so each path's top level
+//! is run in several rounds spread through the run, and the verdict takes their median.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +44,15 @@ impl Path {
         }
     }
 
+    /// The closed-loop level of the share rounds: the most requests in flight, which gave
+    /// each path its highest rate in every full run so far (more messages per system call).
+    fn top_in_flight(self) -> usize {
+        match self {
+            Path::GmHttp | Path::GsHttp => 128,
+            Path::Native => 512,
+        }
+    }
+
     fn key(self) -> &'static str {
         match self {
             Path::GmHttp => "gm_http",
@@ -61,10 +72,37 @@ pub struct W2 {
     /// GM HTTP send → native host receipt p99 at the fixed rate.
     pub gm_native_p99_ms: f64,
     pub gm_native_rate: f64,
-    /// Each path's fastest maximum phase, with the W0 runs beside it (bracketed runs only).
-    pub gm_http_beside: Option<Beside>,
-    pub gs_http_beside: Option<Beside>,
-    pub native_beside: Option<Beside>,
+    /// Each path's share rounds, with the W0 runs beside each (bracketed runs only).
+    pub gm_http_rounds: Rounds,
+    pub gs_http_rounds: Rounds,
+    pub native_rounds: Rounds,
+}
+
+/// A path's share rounds: the same maximum phase repeated through the run, each beside its
+/// own W0 runs. The verdict takes the median share, so that one round caught by the VM's
+/// drift (a W0 beside it 20% faster or slower than the phase saw) does not decide it.
+#[derive(Clone, Debug, Default)]
+pub struct Rounds(pub Vec<Beside>);
+
+impl Rounds {
+    /// The round with the median share (the lower middle one of an even count).
+    pub fn median(&self) -> Option<Beside> {
+        let mut sorted = self.0.clone();
+        sorted.sort_by(|a, b| a.pct().total_cmp(&b.pct()));
+        sorted.get(sorted.len().saturating_sub(1) / 2).copied()
+    }
+
+    /// Every round's share, in run order: "24.0% · 27.2% · 26.1%".
+    pub fn shares(&self) -> String {
+        self.0.iter().map(|b| format!("{:.1}%", b.pct())).collect::<Vec<_>>().join(" · ")
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "rounds": self.0.iter().map(Beside::json).collect::<Vec<_>>(),
+            "median": self.median().map(|b| b.json()),
+        })
+    }
 }
 
 /// A maximum phase against the mean of the W0 runs just before and just after it.
@@ -86,15 +124,6 @@ impl Beside {
         } else {
             0.0
         }
-    }
-
-    /// The path's maximum: the phase with the higher rate, whatever the W0 beside it. (Taking
-    /// the higher share instead would also pick among the W0 runs' own noise.)
-    fn best(a: Option<Beside>, b: Beside) -> Option<Beside> {
-        Some(match a {
-            Some(a) if a.rate >= b.rate => a,
-            _ => b,
-        })
     }
 
     fn json(&self) -> Value {
@@ -134,9 +163,13 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
     phases.push((Path::Native, None, 64));
     if full {
         phases.push((Path::Native, None, 256));
-        phases.push((Path::Native, None, 512));
-        phases.push((Path::GmHttp, None, 128));
-        phases.push((Path::GsHttp, None, 128));
+        // The share rounds, alternated by path so that each path meets the VM's drift at
+        // several points of the run.
+        for _ in 0..scale.w2_share_rounds {
+            for path in [Path::Native, Path::GmHttp, Path::GsHttp] {
+                phases.push((path, None, path.top_in_flight()));
+            }
+        }
     }
 
     let mut t = Table::new(
@@ -247,13 +280,12 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
             (Path::Native, None) => w2.native_max = w2.native_max.max(rate_ok),
             _ => {}
         }
-        if let Some(b) = beside {
-            let best = match path {
-                Path::GmHttp => &mut w2.gm_http_beside,
-                Path::GsHttp => &mut w2.gs_http_beside,
-                Path::Native => &mut w2.native_beside,
-            };
-            *best = Beside::best(*best, b);
+        if let Some(b) = beside.filter(|_| workers == path.top_in_flight()) {
+            match path {
+                Path::GmHttp => w2.gm_http_rounds.0.push(b),
+                Path::GsHttp => w2.gs_http_rounds.0.push(b),
+                Path::Native => w2.native_rounds.0.push(b),
+            }
         }
     }
     host_rx.stop();
@@ -268,10 +300,10 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
         "native_max_per_s": w2.native_max,
         "gm_http_to_native_p99_ms": w2.gm_native_p99_ms,
         "gm_http_to_native_rate_per_s": w2.gm_native_rate,
-        "best_beside_w0": {
-            "gm_http": w2.gm_http_beside.map(|b| b.json()),
-            "gs_http": w2.gs_http_beside.map(|b| b.json()),
-            "native": w2.native_beside.map(|b| b.json()),
+        "share_rounds_beside_w0": {
+            "gm_http": w2.gm_http_rounds.json(),
+            "gs_http": w2.gs_http_rounds.json(),
+            "native": w2.native_rounds.json(),
         },
     });
     Ok(w2)
@@ -284,5 +316,24 @@ pub fn data_set(hosts: i64) -> DataSet {
         uid_base: 10_000_001,
         gms: 50,
         layout: crate::stack::Layout::Striped { hosts },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(rate: f64) -> Beside {
+        Beside { rate, w0_before: 90.0, w0_after: 110.0 }
+    }
+
+    #[test]
+    fn the_verdict_takes_the_median_round_not_the_best_or_the_last() {
+        let r = Rounds(vec![round(24.0), round(29.0), round(26.0)]);
+        assert_eq!(r.median().map(|b| b.rate), Some(26.0));
+        assert_eq!(r.shares(), "24.0% · 29.0% · 26.0%");
+        // Of an even count, the lower middle one: the verdict never rounds up.
+        assert_eq!(Rounds(vec![round(27.0), round(24.0)]).median().map(|b| b.rate), Some(24.0));
+        assert!(Rounds::default().median().is_none());
     }
 }
