@@ -27,8 +27,10 @@ const OUTBOX_LEASE_TTL: Duration = Duration::from_secs(5);
 /// batch's publish bound (3 s, NATS adapter) it keeps a drain round inside the lease.
 const CONSUMER_SETUP_BUDGET: Duration = Duration::from_secs(1);
 
-/// Events published per round trip: enough to keep many publishes in flight, small enough
-/// that a batch finishes well within the lease.
+/// Events taken from the outbox per drain round: enough to keep many publishes in flight
+/// (one round trip when no two of them must keep an order, see
+/// `domain::order::publish_rounds`), small enough that a batch finishes well within the
+/// lease.
 const OUTBOX_BATCH: usize = 256;
 
 /// Without a local kick the drainer still looks this often, to pick up events committed

@@ -6,48 +6,52 @@ use std::collections::HashMap;
 use super::event::{Envelope, EventKind};
 use super::ids::{GmId, HostId, Uid};
 
-/// What an outbox event changes on its host. A host applies one player's friend events,
-/// and one GM's presence events, in stream order, so two events with the same key must be
-/// stored in commit order. Events with different keys change different state and may be
-/// stored either way round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum OrderKey {
-    Player(HostId, Uid),
-    Presence(HostId, GmId),
+/// The first round after the latest one recorded for `key`; 0 when there is none.
+fn after<K: std::hash::Hash + Eq>(latest: &HashMap<K, usize>, key: K) -> usize {
+    latest.get(&key).map_or(0, |round| round + 1)
 }
 
-impl OrderKey {
-    pub fn of(event: &Envelope) -> Self {
-        match (event.kind, event.uid) {
-            (EventKind::GmOnline | EventKind::GmOffline, _) | (_, None) => {
-                Self::Presence(event.host, event.gm)
-            }
-            (EventKind::FriendAdd | EventKind::FriendRemove | EventKind::Chat, Some(uid)) => {
-                Self::Player(event.host, uid)
-            }
-        }
-    }
-}
-
-/// The publish round of each event of a batch given in commit order: one past the round of
-/// the previous event with the same key, so no round holds a key twice.
+/// The publish round of each event of a batch given in commit order: one past the latest
+/// round of the earlier events it must follow, so no round holds two events whose order
+/// matters.
+///
+/// A host applies events in stream order, so these must be stored in commit order: one
+/// player's friend events on a host (an add, then the remove that undid it), one GM's
+/// presence on a host, and a GM's presence against that GM's friend events there (a host
+/// may ignore the presence of a GM it has no player of, so an add must not fall behind
+/// the `gm_offline` that followed it). Friend events of different players,
+/// and presence on different hosts, change different state: one GM adding many players,
+/// or one presence change fanned out to many hosts, is a single round.
 ///
 /// Publishing round after round, and stopping after a round in which a publish failed,
-/// never sends an event while an earlier one of its key is unacknowledged. Sending a whole
-/// batch at once could store a later event of a key while the earlier one was refused (a
-/// leader change in a cluster, a stream limit): the retry would then store the two the
-/// wrong way round, and a host would apply an add after the remove that undid it. A batch
-/// whose keys all differ — one GM's add of many players, one presence change fanned out to
-/// many hosts — is a single round.
+/// never sends an event while an earlier one it must follow is unacknowledged. Sending a
+/// whole batch at once could store a later event while the earlier one was refused (a
+/// leader change in a cluster, a stream limit), and the retry would then store the two
+/// the wrong way round.
 pub fn publish_rounds<'a>(events: impl IntoIterator<Item = &'a Envelope>) -> Vec<usize> {
-    let mut next: HashMap<OrderKey, usize> = HashMap::new();
+    // The latest round given so far to: a player's friend events on a host; a GM's
+    // presence on a host; the friend events of a GM's players on a host.
+    let mut player: HashMap<(HostId, Uid), usize> = HashMap::new();
+    let mut presence: HashMap<(HostId, GmId), usize> = HashMap::new();
+    let mut friends_of: HashMap<(HostId, GmId), usize> = HashMap::new();
     events
         .into_iter()
         .map(|event| {
-            let slot = next.entry(OrderKey::of(event)).or_insert(0);
-            let round = *slot;
-            *slot += 1;
-            round
+            let gm = (event.host, event.gm);
+            match (event.kind, event.uid) {
+                (EventKind::FriendAdd | EventKind::FriendRemove | EventKind::Chat, Some(uid)) => {
+                    let round = after(&player, (event.host, uid)).max(after(&presence, gm));
+                    player.insert((event.host, uid), round);
+                    let latest = friends_of.entry(gm).or_insert(round);
+                    *latest = (*latest).max(round);
+                    round
+                }
+                _ => {
+                    let round = after(&presence, gm).max(after(&friends_of, gm));
+                    presence.insert(gm, round);
+                    round
+                }
+            }
         })
         .collect()
 }
@@ -64,22 +68,33 @@ mod tests {
     }
 
     #[test]
-    fn a_key_seen_again_waits_one_round_more_and_other_keys_do_not() {
+    fn an_event_waits_for_the_earlier_ones_it_must_follow_and_no_others() {
         use EventKind::*;
         let batch = [
-            event(FriendAdd, 1, 7, Some(100)),    // player 100 on host 1
-            event(FriendRemove, 1, 7, Some(100)), // again: after the add
-            event(FriendAdd, 1, 7, Some(101)),    // another player: first round
-            event(FriendAdd, 2, 7, Some(100)),    // the same uid on another host: its own key
-            event(GmOffline, 1, 7, None),         // presence is keyed by GM, apart from players
-            event(GmOnline, 1, 7, None),          // after the offline
-            event(FriendAdd, 1, 8, Some(100)),    // the player's third event, whoever the GM
+            event(FriendAdd, 1, 7, Some(100)),    // 0: player 100 on host 1
+            event(FriendRemove, 1, 7, Some(100)), // 1: after the add
+            event(FriendAdd, 1, 7, Some(101)),    // 0: another player
+            event(FriendAdd, 2, 7, Some(100)),    // 0: the same uid on another host
+            event(GmOffline, 1, 7, None),         // 2: after GM 7's friend events on host 1
+            event(GmOnline, 1, 7, None),          // 3: after the offline
+            event(FriendAdd, 1, 8, Some(100)),    // 2: after the remove; GM 7's presence is not its own
+            event(GmOnline, 2, 8, None),          // 0: GM 8 has nothing earlier on host 2
         ];
-        assert_eq!(publish_rounds(&batch), vec![0, 1, 0, 0, 0, 1, 2]);
+        assert_eq!(publish_rounds(&batch), vec![0, 1, 0, 0, 2, 3, 2, 0]);
     }
 
     #[test]
-    fn distinct_keys_are_one_round() {
+    fn a_first_add_and_its_presence_keep_their_order_and_the_other_adds_stay_together() {
+        use EventKind::*;
+        let mut batch = vec![event(FriendAdd, 1, 7, Some(100)), event(GmOnline, 1, 7, None)];
+        batch.extend((101..400).map(|uid| event(FriendAdd, 1, 7, Some(uid))));
+        let rounds = publish_rounds(&batch);
+        assert_eq!(&rounds[..2], &[0, 1]);
+        assert!(rounds[2..].iter().all(|&r| r == 2), "{rounds:?}");
+    }
+
+    #[test]
+    fn distinct_hosts_are_one_round() {
         let batch: Vec<Envelope> = (0..300).map(|h| event(EventKind::GmOnline, h, 7, None)).collect();
         assert!(publish_rounds(&batch).iter().all(|&r| r == 0));
         assert!(publish_rounds(&[]).is_empty());

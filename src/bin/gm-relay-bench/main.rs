@@ -68,7 +68,7 @@ pub struct Scale {
     pub w2_secs: f64,
     pub w2_max_secs: f64,
     pub w2_max_ops: u64,
-    /// Times each path's maximum at its top level is run, each beside its own W0 runs;
+    /// Times each path's maximum at its top level is run, each beside the W0 runs around it;
     /// the throughput verdicts take the median share (`w2::Rounds`).
     pub w2_share_rounds: usize,
     pub w3_points: Vec<w3::Point>,

@@ -79,8 +79,8 @@ pub struct W2 {
     pub native_rounds: Rounds,
 }
 
-/// A path's share rounds: the same maximum phase repeated through the run, each beside its
-/// own W0 runs. The verdict takes the median share, so that one round caught by the VM's
+/// A path's share rounds: the same maximum phase repeated through the run, each beside the
+/// W0 runs just before and after it (neighbouring phases share one). The verdict takes the median share, so that one round caught by the VM's
 /// drift (a W0 beside it 20% faster or slower than the phase saw) does not decide it.
 #[derive(Clone, Debug, Default)]
 pub struct Rounds(pub Vec<Beside>);
