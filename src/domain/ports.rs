@@ -78,9 +78,9 @@ pub trait EventBus: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64, RelayError>> + Send;
 
     /// Publishes several events given in commit order and waits for their acknowledgements,
-    /// never sending an event before the earlier ones of its key were acknowledged (see
-    /// [`crate::domain::order::publish_rounds`]). Returns how many of the leading events
-    /// were acknowledged, so the caller knows the safe prefix.
+    /// never sending an event before the earlier ones it must stay behind were acknowledged
+    /// (see [`crate::domain::order::publish_rounds`]). Returns how many of the leading
+    /// events were acknowledged, so the caller knows the safe prefix.
     fn publish_ordered(
         &self,
         events: &[(Route, Envelope)],

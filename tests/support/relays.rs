@@ -207,6 +207,10 @@ impl Legacy {
         self.get(&format!("/gm?{query}")).await
     }
 
+    pub async fn gs(&self, query: &str) -> Reply {
+        self.get(&format!("/gs?{query}")).await
+    }
+
     /// The value of one series of `GET /metrics`, e.g. `gm_relay_outbox_depth` or
     /// `name{label="x"}`; 0 when the relay has not written it yet.
     pub async fn metric(&self, name_and_labels: &str) -> u64 {
@@ -214,10 +218,6 @@ impl Legacy {
         body.lines()
             .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
             .map_or(0, |v| v as u64)
-    }
-
-    pub async fn gs(&self, query: &str) -> Reply {
-        self.get(&format!("/gs?{query}")).await
     }
 
     /// Creates GM `gm`; asserts success.
