@@ -19,9 +19,9 @@ fn after<K: std::hash::Hash + Eq>(latest: &HashMap<K, usize>, key: K) -> usize {
 /// player's friend events on a host (an add, then the remove that undid it), one GM's
 /// presence on a host, and a GM's presence against that GM's friend events there (a host
 /// may ignore the presence of a GM it has no player of, so an add must not fall behind
-/// the `gm_offline` that followed it). Friend events of different players,
-/// and presence on different hosts, change different state: one GM adding many players,
-/// or one presence change fanned out to many hosts, is a single round.
+/// the `gm_offline` that followed it). Friend events of different players, and presence
+/// on different hosts, change different state: one GM adding many players, or one
+/// presence change fanned out to many hosts, is a single round.
 ///
 /// Publishing round after round, and stopping after a round in which a publish failed,
 /// never sends an event while an earlier one it must follow is unacknowledged. Sending a
