@@ -30,6 +30,14 @@ async fn friend_events(app: &TestApp) -> Vec<StoredEvent> {
         .collect()
 }
 
+/// A relay process with the fault point `fault` armed, and GM `GM` created.
+async fn process_with_fault(fault: &str) -> TestApp {
+    let mut app = TestApp::servers_only(&[]);
+    app.start_process(&[("GM_RELAY_FAULTS", fault)]).await;
+    app.create_gm(GM, GM_NAME).await;
+    app
+}
+
 async fn player_gm(app: &TestApp, uid: i64) -> Option<String> {
     redis_query(app, &["HGET", &format!("gmr:player:{uid}"), "gm"]).await
 }
@@ -56,9 +64,7 @@ async fn assert_applied_once(app: &TestApp) {
 
 #[tokio::test]
 async fn killed_before_publish_the_next_relay_publishes_at_start_up() {
-    let mut app = TestApp::servers_only(&[]);
-    app.start_process(&[("GM_RELAY_FAULTS", "outbox_before_publish")]).await;
-    app.create_gm(GM, GM_NAME).await;
+    let mut app = process_with_fault("outbox_before_publish").await;
     // Committed: answers after the bounded flush wait although nothing was published.
     app.add(GM, HOST, UID).await;
     assert_eq!(app.relation(HOST).await, no_changes(), "nothing published yet");
@@ -80,9 +86,7 @@ async fn killed_before_publish_the_next_relay_publishes_at_start_up() {
 
 #[tokio::test]
 async fn killed_after_publish_the_republish_is_deduplicated() {
-    let mut app = TestApp::servers_only(&[]);
-    app.start_process(&[("GM_RELAY_FAULTS", "outbox_after_publish")]).await;
-    app.create_gm(GM, GM_NAME).await;
+    let mut app = process_with_fault("outbox_after_publish").await;
     app.add(GM, HOST, UID).await;
     // Published and acknowledged, but still in the outbox.
     let stored = friend_events(&app).await;
@@ -139,9 +143,7 @@ async fn request_parked_after_commit_then_restart_keeps_the_friendship_and_its_e
 /// answers the latest state, leaving nothing to come back later out of order.
 #[tokio::test]
 async fn killed_mid_poll_the_next_relay_serves_the_feed_in_order() {
-    let mut app = TestApp::servers_only(&[]);
-    app.start_process(&[("GM_RELAY_FAULTS", "poll_after_fetch")]).await;
-    app.create_gm(GM, GM_NAME).await;
+    let mut app = process_with_fault("poll_after_fetch").await;
     app.add(GM, HOST, UID).await;
     // The poll fetches the add and parks; its client waits, so nothing cancels it.
     let url = format!("{}/gs?action=relation&host={HOST}", app.base_url());
