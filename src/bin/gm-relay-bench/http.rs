@@ -15,6 +15,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest reply accepted (a poll answers at most 1,000 entries).
 const MAX_REPLY: usize = 16 * 1024 * 1024;
 
+/// Spare room made before each read: a send's reply fits many times over.
+const READ_CHUNK: usize = 16 * 1024;
+
 pub struct HttpConn {
     addr: SocketAddr,
     stream: Option<TcpStream>,
@@ -91,12 +94,13 @@ impl HttpConn {
         let mut close = false;
         for line in lines {
             let Some((k, v)) = line.split_once(':') else { continue };
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase());
-            match k.as_str() {
-                "content-length" => length = v.parse::<usize>().ok(),
-                "transfer-encoding" => chunked = v.contains("chunked"),
-                "connection" => close = v == "close",
-                _ => {}
+            let (k, v) = (k.trim(), v.trim());
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.parse::<usize>().ok();
+            } else if k.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = v.to_ascii_lowercase().contains("chunked");
+            } else if k.eq_ignore_ascii_case("connection") {
+                close = v.eq_ignore_ascii_case("close");
             }
         }
         let body = if chunked {
@@ -141,16 +145,16 @@ impl HttpConn {
     }
 }
 
+/// Reads what has arrived into `buf`'s spare capacity: no zeroed scratch buffer per read,
+/// which cost the benchmark a 16 KiB `memset` per reply (4% of its CPU at the maximum).
 async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
-    let mut chunk = [0u8; 16 * 1024];
-    let n = stream.read(&mut chunk).await?;
-    if n == 0 {
-        bail!("connection closed");
-    }
-    if buf.len() + n > MAX_REPLY + 64 * 1024 {
+    if buf.len() > MAX_REPLY + READ_CHUNK {
         bail!("reply too large");
     }
-    buf.extend_from_slice(&chunk[..n]);
+    buf.reserve(READ_CHUNK);
+    if stream.read_buf(buf).await? == 0 {
+        bail!("connection closed");
+    }
     Ok(())
 }
 

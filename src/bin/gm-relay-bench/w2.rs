@@ -185,6 +185,7 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
             "send→receipt p50 / p99 / p99.9 ms",
             "relay CPU %",
             "nats CPU %",
+            "benchmark CPU %",
             "W0 before / after: % of their mean",
         ],
     );
@@ -255,6 +256,7 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
             format!("{} / {} / {}", f(ms(&e2e, 0.5)), f(ms(&e2e, 0.99)), f(ms(&e2e, 0.999))),
             pct("relay").map(f).unwrap_or_else(|| "-".into()),
             pct("nats-server").map(f).unwrap_or_else(|| "-".into()),
+            pct("bench").map(f).unwrap_or_else(|| "-".into()),
             beside
                 .map(|b| format!("{} / {}: {:.0}%", n(b.w0_before), n(b.w0_after), b.pct()))
                 .unwrap_or_else(|| "-".into()),
@@ -269,6 +271,7 @@ pub async fn run(stack: &mut Stack, scale: &Scale, show: bool, full: bool, title
             "send_to_receipt": hist_json(&e2e),
             "relay_cpu_pct": pct("relay"),
             "nats_cpu_pct": pct("nats-server"),
+            "bench_cpu_pct": pct("bench"),
             "beside_w0": beside.map(|b| b.json()),
         }));
         match (path, rate) {
