@@ -341,7 +341,7 @@ impl JetStreamBus {
             num_replicas: self.consumer_replicas,
             ..Default::default()
         };
-        let created = self.get_or_create(stream_name, &durable, config).await?;
+        let created = Box::pin(self.get_or_create(stream_name, &durable, config)).await?;
         let mut cache = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED_CONSUMERS {
             cache.clear();
@@ -358,6 +358,11 @@ impl JetStreamBus {
     /// not exist: one API call when it exists (no stream lookup first), two when it is
     /// created. An existing consumer keeps its own configuration. A refusal by the server
     /// is remembered for [`CREATE_RETRY_PAUSE`], during which the same name fails at once.
+    ///
+    /// Callers box this future: its state (the API requests' futures) is ~8 KB, and left
+    /// inline it made every request that merely finds its consumer cached carry those
+    /// 8 KB through each move of its future: a GM's chat message future was 8.2 KB, and
+    /// is 1.7 KB boxed.
     async fn get_or_create(
         &self,
         stream: &str,
@@ -661,7 +666,7 @@ impl EventBus for JetStreamBus {
             num_replicas: self.consumer_replicas,
             ..Default::default()
         };
-        self.get_or_create(names::STREAM_TO_HOST, &name, config).await?;
+        Box::pin(self.get_or_create(names::STREAM_TO_HOST, &name, config)).await?;
         let mut known = self.host_consumers.lock().unwrap_or_else(|p| p.into_inner());
         if known.len() >= MAX_CACHED_CONSUMERS {
             known.clear();

@@ -15,6 +15,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
 use http_body::{Frame, SizeHint};
 use serde::Serialize;
 
@@ -102,18 +103,21 @@ async fn handle(state: AppState, side: Side, peer: IpAddr, headers: &HeaderMap, 
         let errno = Errno::RateLimited;
         return html(StatusCode::OK, json(&ErrReply { res: 0, errno: errno.code(), error: errno.reason() }));
     }
-    let outcome = match (side, action.as_slice()) {
-        (Side::Gm, b"create") => create(&state, &q).await,
-        (Side::Gm, b"add") => add(&state, &q).await,
-        (Side::Gm, b"del") => del(&state, &q).await,
-        (Side::Gm, b"online") => gm_online(&state, &q).await,
-        (Side::Gm, b"offline") => gm_offline(&state, &q).await,
-        (Side::Gm, b"send") => gm_send(&state, &q).await,
-        (Side::Gm, b"receive") => gm_receive(&state).await,
-        (Side::Gs, b"relation") => gs_relation(&state, &q).await,
-        (Side::Gs, b"send") => gs_send(&state, &q).await,
-        (Side::Gs, b"receive") => gs_receive(&state, &q).await,
-        (Side::Gs, b"online") => gs_online(&state, &q).await,
+    // Each action's future is boxed on its own, sized to that action: inline, every
+    // request's future would be as large as the largest action's (a poll's ~3 KB) and be
+    // moved whole into the box axum makes for it, a send's too.
+    let outcome: BoxFuture<'_, Result<Reply, RelayError>> = match (side, action.as_slice()) {
+        (Side::Gm, b"create") => Box::pin(create(&state, &q)),
+        (Side::Gm, b"add") => Box::pin(add(&state, &q)),
+        (Side::Gm, b"del") => Box::pin(del(&state, &q)),
+        (Side::Gm, b"online") => Box::pin(gm_online(&state, &q)),
+        (Side::Gm, b"offline") => Box::pin(gm_offline(&state, &q)),
+        (Side::Gm, b"send") => Box::pin(gm_send(&state, &q)),
+        (Side::Gm, b"receive") => Box::pin(gm_receive(&state)),
+        (Side::Gs, b"relation") => Box::pin(gs_relation(&state, &q)),
+        (Side::Gs, b"send") => Box::pin(gs_send(&state, &q)),
+        (Side::Gs, b"receive") => Box::pin(gs_receive(&state, &q)),
+        (Side::Gs, b"online") => Box::pin(gs_online(&state, &q)),
         _ => {
             state.metrics.requests.with_label_values(&[side.label(), "-", "unknown_action"]).inc();
             let mut body = b"err action ".to_vec();
@@ -121,6 +125,7 @@ async fn handle(state: AppState, side: Side, peer: IpAddr, headers: &HeaderMap, 
             return html(StatusCode::NOT_FOUND, body);
         }
     };
+    let outcome = outcome.await;
     let action = String::from_utf8_lossy(&action).into_owned();
     let result = match &outcome {
         Ok(_) => "ok".to_owned(),
