@@ -341,7 +341,7 @@ impl JetStreamBus {
             num_replicas: self.consumer_replicas,
             ..Default::default()
         };
-        let created = Box::pin(self.get_or_create(stream_name, &durable, config)).await?;
+        let created = self.get_or_create(stream_name, &durable, config).await?;
         let mut cache = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED_CONSUMERS {
             cache.clear();
@@ -358,11 +358,6 @@ impl JetStreamBus {
     /// not exist: one API call when it exists (no stream lookup first), two when it is
     /// created. An existing consumer keeps its own configuration. A refusal by the server
     /// is remembered for [`CREATE_RETRY_PAUSE`], during which the same name fails at once.
-    ///
-    /// Callers box this future: its state (the API requests' futures) is ~8 KB, and left
-    /// inline it made every request that merely finds its consumer cached carry those
-    /// 8 KB through each move of its future: a GM's chat message future was 8.2 KB, and
-    /// is 1.7 KB boxed.
     async fn get_or_create(
         &self,
         stream: &str,
@@ -384,7 +379,10 @@ impl JetStreamBus {
         // remembered; a timeout, a missing responder or a 503 ("temporarily unavailable")
         // during a leader election is worth asking again at the next poll.
         let definite = |e: Option<&jetstream::Error>| e.is_some_and(|j| j.code() != 503);
-        let result = tokio::time::timeout(API_TIMEOUT, async {
+        // Boxed: the API requests' futures are ~8 KB, and inline they made the future of
+        // every caller that finds its consumer cached, a GM's chat message among them,
+        // carry those 8 KB through each move (a send's future was 8.2 KB, now 1.7 KB).
+        let result = tokio::time::timeout(API_TIMEOUT, Box::pin(async {
             match self.js.get_consumer_from_stream(name, stream).await {
                 // A consumer an earlier relay version created keeps its configuration: bring
                 // the ack wait (editable, and shortened since) up to date. If that fails the
@@ -419,7 +417,7 @@ impl JetStreamBus {
                     Err((definite(server.as_ref()), unavailable(e)))
                 }
             }
-        })
+        }))
         .await;
         let mut failed = self.failed_creations.lock().unwrap_or_else(|p| p.into_inner());
         match result {
@@ -666,7 +664,7 @@ impl EventBus for JetStreamBus {
             num_replicas: self.consumer_replicas,
             ..Default::default()
         };
-        Box::pin(self.get_or_create(names::STREAM_TO_HOST, &name, config)).await?;
+        self.get_or_create(names::STREAM_TO_HOST, &name, config).await?;
         let mut known = self.host_consumers.lock().unwrap_or_else(|p| p.into_inner());
         if known.len() >= MAX_CACHED_CONSUMERS {
             known.clear();
