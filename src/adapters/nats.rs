@@ -570,31 +570,28 @@ impl EventBus for JetStreamBus {
         for round in 0..=rounds.iter().copied().max().unwrap_or(0) {
             let mut pending = Vec::new();
             for (i, (route, event)) in events.iter().enumerate().filter(|(i, _)| rounds[*i] == round) {
-                match tokio::time::timeout_at(deadline, self.send(*route, event)).await {
-                    Ok(Ok(ack)) => pending.push((i, ack)),
-                    Ok(Err(e)) => error = Some(e),
-                    Err(e) => error = Some(unavailable(e)),
-                }
-                if error.is_some() {
-                    self.metrics.publish_failures.with_label_values(&["outbox"]).inc();
-                    break;
+                let sent = tokio::time::timeout_at(deadline, self.send(*route, event)).await;
+                match sent.map_err(unavailable).and_then(|r| r) {
+                    Ok(ack) => pending.push((i, ack)),
+                    Err(e) => {
+                        self.metrics.publish_failures.with_label_values(&["outbox"]).inc();
+                        error = Some(e);
+                        break;
+                    }
                 }
             }
             for (i, ack) in pending {
-                match tokio::time::timeout_at(deadline, ack.into_future()).await {
-                    Ok(Ok(ack)) => {
+                let stored = tokio::time::timeout_at(deadline, ack.into_future()).await;
+                match stored.map_err(unavailable).and_then(|r| r.map_err(unavailable)) {
+                    Ok(ack) => {
                         acked[i] = true;
                         if ack.duplicate {
                             self.metrics.publish_duplicates.with_label_values(&["outbox"]).inc();
                         }
                     }
-                    Ok(Err(e)) => {
-                        self.metrics.publish_failures.with_label_values(&["outbox"]).inc();
-                        error.get_or_insert(unavailable(e));
-                    }
                     Err(e) => {
                         self.metrics.publish_failures.with_label_values(&["outbox"]).inc();
-                        error.get_or_insert(unavailable(e));
+                        error.get_or_insert(e);
                     }
                 }
             }
