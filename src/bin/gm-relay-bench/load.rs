@@ -203,9 +203,19 @@ impl Worker {
 
     async fn native(&mut self, host: i64, uid: i64, text: &str, seq: u64) -> Result<(), String> {
         let client = self.target.nats.as_ref().ok_or("no NATS client")?;
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            uid: &'a str,
+            text: &'a str,
+        }
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            ok: bool,
+            errno: Option<i64>,
+        }
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("b{}-{seq}", now_ns()).as_str());
-        let body = serde_json::json!({"uid": uid.to_string(), "text": text});
+        let body = Body { uid: &uid.to_string(), text };
         let request = async_nats::Request::new()
             .headers(headers)
             .payload(serde_json::to_vec(&body).unwrap_or_default().into())
@@ -214,11 +224,10 @@ impl Worker {
             .send_request(format!("gm.relay.gs.{host}.send"), request)
             .await
             .map_err(|e| format!("request: {}", e.kind()))?;
-        let v: serde_json::Value = serde_json::from_slice(&reply.payload).map_err(|_| "bad reply")?;
-        if v["ok"] == true {
-            Ok(())
-        } else {
-            Err(format!("errno {}", v["errno"]))
+        match serde_json::from_slice::<Reply>(&reply.payload) {
+            Ok(Reply { ok: true, .. }) => Ok(()),
+            Ok(Reply { errno: Some(n), .. }) => Err(format!("errno {n}")),
+            _ => Err("bad reply".to_owned()),
         }
     }
 }
