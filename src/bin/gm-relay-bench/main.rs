@@ -74,7 +74,9 @@ pub struct Scale {
     pub w2_max_secs: f64,
     pub w2_max_ops: u64,
     /// Times each path's maximum at its top level is run, each beside the W0 runs around it;
-    /// the throughput verdicts take the median share (`w2::Rounds`).
+    /// the throughput verdicts take the median share (`w2::Rounds`). Five in the full run:
+    /// with three, a path's median moved by up to 6 points between runs of one build, as
+    /// much as its distance from the line; each further round costs ~10 s.
     pub w2_share_rounds: usize,
     pub w3_points: Vec<w3::Point>,
     pub w3_measured: i64,
@@ -111,7 +113,7 @@ impl Scale {
             w2_secs: 10.0,
             w2_max_secs: 8.0,
             w2_max_ops: 1_000_000,
-            w2_share_rounds: 3,
+            w2_share_rounds: 5,
             w3_points: vec![
                 w3::Point { hosts: 100, history: 100_000 },
                 w3::Point { hosts: 1_000, history: 300_000 },
