@@ -75,8 +75,8 @@ pub struct Scale {
     pub w2_max_ops: u64,
     /// Times each path's maximum at its top level is run, each beside the W0 runs around it;
     /// the throughput verdicts take the median share (`w2::Rounds`). Five in the full run:
-    /// with three, a path's median moved by up to 6 points between runs of one build, as
-    /// much as its distance from the line; each further round costs ~10 s.
+    /// with three, a path's median moved by up to 6 points between runs of one build, more
+    /// than its distance from the line; each further round costs ~10 s.
     pub w2_share_rounds: usize,
     pub w3_points: Vec<w3::Point>,
     pub w3_measured: i64,
