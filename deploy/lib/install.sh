@@ -54,8 +54,13 @@ _apt_install() {
 }
 
 ensure_rust() {
+    # rustup installs into ~/.cargo/bin and adds it to PATH only for login shells; a
+    # non-login shell (cron, CI, ssh with a command) still finds that toolchain here.
+    if ! command -v cargo >/dev/null 2>&1 && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
+        export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+    fi
     if ! command -v cargo >/dev/null 2>&1; then
-        _die "cargo not found on PATH: install Rust (https://rustup.rs) and re-run" || return 1
+        _die "cargo not found on PATH or in ${CARGO_HOME:-$HOME/.cargo}/bin: install Rust (https://rustup.rs) and re-run" || return 1
     fi
     _log "cargo: $(cargo --version)"
 }
