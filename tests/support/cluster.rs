@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{child_running, find_binary, free_port, kill_and_reap, lock, next_log, read_log, repo_root};
+use super::{
+    await_start, child_running, find_binary, free_port, kill_and_reap, lock, next_log, port_after, read_log,
+    repo_root,
+};
 
 /// Nodes in the cluster: the smallest size that survives the loss of one (R3 quorum 2).
 pub const CLUSTER_SIZE: usize = 3;
@@ -141,34 +144,15 @@ impl NatsCluster {
                 panic!("cannot run {}: {e}; run ./deploy/test, which installs it", binary.display())
             });
         *lock(&node.child) = Some(child);
-        let start = Instant::now();
-        loop {
-            let log = read_log(&node.log);
-            let port_after = |marker: &str| {
-                log.lines()
-                    .filter_map(|line| line.split(marker).nth(1))
-                    .filter_map(|addr| addr.trim().rsplit(':').next()?.parse::<u16>().ok())
-                    .next()
-            };
-            if let (Some(client), Some(http)) = (port_after(CLIENT_LISTENING), port_after(HTTP_LISTENING)) {
-                node.client_port = client;
-                node.http_port = http;
-                return Ok(());
-            }
-            if child_running(&node.child) == Some(false) {
-                kill_and_reap(&node.child);
-                return Err(read_log(&node.log));
-            }
-            if start.elapsed() > READY_DEADLINE {
-                kill_and_reap(&node.child);
-                panic!(
-                    "node {} did not listen within {READY_DEADLINE:?}:\n{}",
-                    node.name,
-                    read_log(&node.log)
-                );
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+        let what = format!("node {} did not listen", node.name);
+        let (client, http) =
+            await_start(&node.child, &node.log, READY_DEADLINE, POLL_INTERVAL, &what, || {
+                let log = read_log(&node.log);
+                Some((port_after(&log, CLIENT_LISTENING)?, port_after(&log, HTTP_LISTENING)?))
+            })?;
+        node.client_port = client;
+        node.http_port = http;
+        Ok(())
     }
 
     /// Waits until every running node is healthy and the metadata leader sees all peers

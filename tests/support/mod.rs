@@ -146,6 +146,42 @@ fn child_running(child: &Mutex<Option<Child>>) -> Option<bool> {
     lock(child).as_mut().map(|c| matches!(c.try_wait(), Ok(None)))
 }
 
+/// Waits until `ready` finds the server serving, polling every `poll`. `Err(log)` if the
+/// server exited first, so the caller can retry on another port; a panic with the log if it
+/// is still silent after `deadline`.
+fn await_start<T>(
+    child: &Mutex<Option<Child>>,
+    log: &Path,
+    deadline: Duration,
+    poll: Duration,
+    what: &str,
+    mut ready: impl FnMut() -> Option<T>,
+) -> Result<T, String> {
+    let start = Instant::now();
+    loop {
+        if let Some(found) = ready() {
+            return Ok(found);
+        }
+        if child_running(child) == Some(false) {
+            kill_and_reap(child);
+            return Err(read_log(log));
+        }
+        if start.elapsed() > deadline {
+            kill_and_reap(child);
+            panic!("{what} within {deadline:?}:\n{}", read_log(log));
+        }
+        thread::sleep(poll);
+    }
+}
+
+/// The port in the first log line that contains `marker`: the digits after the line's last `:`.
+fn port_after(log: &str, marker: &str) -> Option<u16> {
+    log.lines()
+        .filter_map(|line| line.split(marker).nth(1))
+        .filter_map(|addr| addr.trim().rsplit(':').next()?.parse::<u16>().ok())
+        .next()
+}
+
 /// A fresh log file `<dir>/<stem>-<n>.log` for the n-th run, so a restart's log does not
 /// mix with the previous run's.
 fn next_log(dir: &Path, stem: &str, runs: &mut u32) -> (PathBuf, File) {
@@ -264,30 +300,14 @@ impl NatsServer {
         });
         *lock(&self.child) = Some(child);
 
-        let start = Instant::now();
-        loop {
-            let log = read_log(&self.log);
-            if let Some(port) = log
-                .lines()
-                .filter_map(|line| line.split(NATS_LISTENING).nth(1))
-                .filter_map(|addr| addr.trim().rsplit(':').next()?.parse::<u16>().ok())
-                .next()
-            {
-                return Ok(port);
-            }
-            if child_running(&self.child) == Some(false) {
-                kill_and_reap(&self.child);
-                return Err(read_log(&self.log));
-            }
-            if start.elapsed() > START_DEADLINE {
-                kill_and_reap(&self.child);
-                panic!(
-                    "nats-server did not accept clients within {START_DEADLINE:?}:\n{}",
-                    read_log(&self.log)
-                );
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+        await_start(
+            &self.child,
+            &self.log,
+            START_DEADLINE,
+            POLL_INTERVAL,
+            "nats-server did not accept clients",
+            || port_after(&read_log(&self.log), NATS_LISTENING),
+        )
     }
 
     /// `nats://127.0.0.1:<port>`. Panics with the server's log if it crashed.
@@ -427,29 +447,15 @@ impl RedisServer {
         let pid = child.id();
         *lock(&self.child) = Some(child);
 
-        let start = Instant::now();
-        loop {
+        let what = format!("redis-server did not answer PING on port {port}");
+        await_start(&self.child, &self.log, START_DEADLINE, POLL_INTERVAL, &what, || {
             // PING, then check the answering server is ours: if another process held the
             // port, ours exits and that one would answer.
-            if redis_command(port, "PING").is_ok_and(|reply| reply == "+PONG")
+            let ours = redis_command(port, "PING").is_ok_and(|reply| reply == "+PONG")
                 && redis_command(port, "INFO server")
-                    .is_ok_and(|info| info.lines().any(|l| l.trim() == format!("process_id:{pid}")))
-            {
-                return Ok(());
-            }
-            if child_running(&self.child) == Some(false) {
-                kill_and_reap(&self.child);
-                return Err(read_log(&self.log));
-            }
-            if start.elapsed() > START_DEADLINE {
-                kill_and_reap(&self.child);
-                panic!(
-                    "redis-server did not answer PING on port {port} within {START_DEADLINE:?}:\n{}",
-                    read_log(&self.log)
-                );
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+                    .is_ok_and(|info| info.lines().any(|l| l.trim() == format!("process_id:{pid}")));
+            ours.then_some(())
+        })
     }
 
     /// `redis://127.0.0.1:<port>`. Panics with the server's log if it crashed.
