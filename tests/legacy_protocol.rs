@@ -46,6 +46,16 @@ const BAD_IDS: &[&str] = &[
 fn assert_legacy(r: &Reply) {
     assert_eq!(r.status, 200, "status of {}", r.text());
     assert_eq!(r.content_type, "text/html", "content type of {}", r.text());
+    assert_no_script(r);
+}
+
+/// A browser may run nothing in a legacy reply: it shares the console's origin.
+#[track_caller]
+fn assert_no_script(r: &Reply) {
+    let header =
+        |name: &str| r.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("<none>").to_owned();
+    assert_eq!(header("content-security-policy"), "default-src 'none'; sandbox", "{}", r.text());
+    assert_eq!(header("x-content-type-options"), "nosniff", "{}", r.text());
 }
 
 /// Exactly `{"res": 1}`.
@@ -931,12 +941,19 @@ async fn unknown_or_missing_action_is_404_err_action() {
         // Keys are case-sensitive, values too.
         ("/gm?action=Create&gm_account=7&gm_name=x", "err action Create"),
         ("/gm?Action=create&gm_account=7&gm_name=x", "err action "),
+        // The echo is text, never markup: the console shares this origin.
+        (
+            "/gm?action=%3Cscript%3Ealert(%22x%22)%3C/script%3E",
+            "err action &lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;",
+        ),
+        ("/gs?action=a%26b%27c", "err action a&amp;b&#39;c"),
     ];
     for (path, body) in cases {
         let r = app.get(path).await;
         assert_eq!(r.status, 404, "{path}: {}", r.text());
         assert_eq!(r.content_type, "text/html", "{path}");
         assert_eq!(r.text(), body, "{path}");
+        assert_no_script(&r);
     }
     // None of them created GM 7.
     assert_errno(&app.gm("action=online&gm_account=7").await, 2);

@@ -25,6 +25,7 @@ pub type ChatEntries = Vec<(String, Vec<String>)>;
 pub struct Reply {
     pub status: u16,
     pub content_type: String,
+    pub headers: reqwest::header::HeaderMap,
     pub body: Vec<u8>,
 }
 
@@ -59,13 +60,11 @@ impl Reply {
     /// Reads a response whole.
     pub async fn read(resp: reqwest::Response) -> Result<Reply, reqwest::Error> {
         let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap_or("").to_owned())
-            .unwrap_or_default();
+        let headers = resp.headers().clone();
+        let content_type =
+            headers.get("content-type").map(|v| v.to_str().unwrap_or("").to_owned()).unwrap_or_default();
         let body = resp.bytes().await?.to_vec();
-        Ok(Reply { status, content_type, body })
+        Ok(Reply { status, content_type, headers, body })
     }
 
     /// The entries of a GS `receive` reply: `[(uid, [texts])]`, texts decoded.

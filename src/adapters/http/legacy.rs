@@ -69,8 +69,35 @@ pub async fn gs(
 fn html(status: StatusCode, body: impl Into<Body>) -> Response {
     let mut r = Response::new(body.into());
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    legacy_headers(r.headers_mut());
     r
+}
+
+/// `text/html`, as the original sent, but a page a browser may not run anything in: the
+/// legacy endpoints share an origin with the console, so a script smuggled into a reply
+/// (an unknown action is echoed back) would act with a signed-in GM's session. Legacy
+/// clients read the body and ignore these headers.
+fn legacy_headers(headers: &mut HeaderMap) {
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("default-src 'none'; sandbox"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+}
+
+/// The unknown action as `err action <action>` echoes it: HTML's special characters
+/// escaped, so the echo is text in any browser.
+fn escape_html(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    for &b in raw {
+        match b {
+            b'<' => out.extend_from_slice(b"&lt;"),
+            b'>' => out.extend_from_slice(b"&gt;"),
+            b'&' => out.extend_from_slice(b"&amp;"),
+            b'"' => out.extend_from_slice(b"&quot;"),
+            b'\'' => out.extend_from_slice(b"&#39;"),
+            b => out.push(b),
+        }
+    }
+    out
 }
 
 async fn handle(state: AppState, side: Side, peer: IpAddr, headers: &HeaderMap, uri: &Uri) -> Response {
@@ -121,7 +148,7 @@ async fn handle(state: AppState, side: Side, peer: IpAddr, headers: &HeaderMap, 
         _ => {
             state.metrics.requests.with_label_values(&[side.label(), "-", "unknown_action"]).inc();
             let mut body = b"err action ".to_vec();
-            body.extend_from_slice(&action);
+            body.extend_from_slice(&escape_html(&action));
             return html(StatusCode::NOT_FOUND, body);
         }
     };
@@ -140,7 +167,7 @@ async fn handle(state: AppState, side: Side, peer: IpAddr, headers: &HeaderMap, 
         Ok(Reply::Json(body)) => html(StatusCode::OK, body),
         Ok(Reply::Poll(body)) => {
             let mut r = Response::new(Body::new(body));
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            legacy_headers(r.headers_mut());
             r
         }
         Err(RelayError::NotOnline) => html(StatusCode::OK, json(&Res0 { res: 0 })),
