@@ -671,7 +671,8 @@ pub async fn execute(
         match relay.store().import_gm(&ids::gm_marker(g.gm), g.gm, &g.name, g.online, plan.ts).await {
             Ok(Imported::Now(_)) => report.gms.imported += 1,
             Ok(Imported::Already) => report.gms.already += 1,
-            Err(e) if e.errno().is_some() => {
+            // Only a refusal is a conflict; an outage ends the run, to be run again.
+            Err(RelayError::Rejected(_)) => {
                 report.gms.conflicts += 1;
                 report.conflicts.push(Skipped {
                     source: format!("GM {}", g.gm),
@@ -701,7 +702,7 @@ pub async fn execute(
         match relay.store().import_player(&ids::player_marker(p.uid), p, &remove_id, &add_id, plan.ts).await {
             Ok(Imported::Now(_)) => report.players.imported += 1,
             Ok(Imported::Already) => report.players.already += 1,
-            Err(e) if e.errno().is_some() => {
+            Err(e @ RelayError::Rejected(_)) => {
                 report.players.conflicts += 1;
                 report.conflicts.push(refused(format!("the relay refused it: {e}")));
                 progress(1);

@@ -16,6 +16,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use gm_relay::config::Config;
@@ -480,6 +481,44 @@ async fn imports_what_the_original_app_wrote() {
     scenario(&mut app).await;
     drop(app);
     import_twice_and_check(&source).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_redis_that_does_not_answer_fails_the_run_instead_of_refusing_its_gms() {
+    let source = RedisServer::start();
+    let conn = redis::Client::open(source.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    scenario(&mut Direct { conn }).await;
+    let target = Target::start();
+    let config = target.config();
+    let data = migrate::read_source(&source.url()).await.expect("source readable");
+    let plan = migrate::plan(&data, migrate::import_ts());
+
+    // Writes (the import's scripts) wait past the relay's Redis reply timeout.
+    let mut admin =
+        redis::Client::open(target.redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let () =
+        redis::cmd("CLIENT").arg("PAUSE").arg(30_000).arg("WRITE").query_async(&mut admin).await.unwrap();
+    let done = AtomicU64::new(0);
+    let outcome = migrate::execute(&plan, &config, &|n| {
+        done.fetch_add(n, Ordering::Relaxed);
+    })
+    .await;
+    let () = redis::cmd("CLIENT").arg("UNPAUSE").query_async(&mut admin).await.unwrap();
+    match outcome {
+        Err(e @ migrate::MigrateError::Write(_)) => {
+            assert!(e.to_string().contains("run the import again"), "{e}");
+        }
+        Err(e) => panic!("expected a write failure, got: {e}"),
+        Ok(report) => panic!("an outage was reported as a finished run: {report}"),
+    }
+    // The run stopped at the first GM: none was counted as done (a refused GM counts as
+    // done, and so do its players, refused in turn).
+    assert_eq!(done.load(Ordering::Relaxed), 0);
+
+    // Once Redis answers, the run completes with nothing refused.
+    let (_, report) = import(&source.url(), &target).await;
+    assert_eq!(report.gms.conflicts, 0, "{report}");
+    assert_eq!(report.players.conflicts, 0, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
