@@ -5,7 +5,7 @@
 //! resolves, then stops accepting, lets in-flight requests finish, drains the outbox and
 //! closes connections, all within `GM_RELAY_SHUTDOWN_TIMEOUT_S`.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -145,13 +145,14 @@ impl Application {
         let console = state.console.clone();
         let app = router(state, &config.gm_path, &config.gs_path);
         let (serve_stop_tx, serve_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(
-            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move {
-                    let _ = serve_stop_rx.await;
-                })
-                .into_future(),
-        );
+        let server = tokio::spawn(crate::adapters::http::server::serve(
+            listener,
+            app,
+            crate::adapters::http::server::ServerLimits::default(),
+            async move {
+                let _ = serve_stop_rx.await;
+            },
+        ));
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing requests, draining the outbox");
         if let Some(console) = &console {
@@ -161,7 +162,7 @@ impl Application {
         let _ = serve_stop_tx.send(());
         let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
         let server_result = match tokio::time::timeout_at(deadline, server).await {
-            Ok(joined) => joined.unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            Ok(joined) => joined.map_err(std::io::Error::other),
             Err(_) => {
                 tracing::warn!("in-flight requests did not finish in time; dropping them");
                 Ok(())

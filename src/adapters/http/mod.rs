@@ -7,6 +7,7 @@ pub mod console;
 pub mod legacy;
 pub mod pyjson;
 pub mod query;
+pub mod server;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -31,8 +32,9 @@ use crate::relay::{Relay, Settlement};
 pub type AppRelay = Relay<RedisStore, JetStreamBus, RoleClient>;
 pub type AppSettlement = Settlement<RedisStore, JetStreamBus, RoleClient>;
 
-/// Requests handled at once; past it new requests queue in the kernel's accept backlog
-/// instead of piling up memory here. Far above 1,000 hosts polling a few times a second.
+/// Requests handled at once, over all routes; past it a request waits for a slot on its
+/// connection (at most one per connection, and connections are bounded by
+/// [`server::MAX_CONNECTIONS`]). Far above 1,000 hosts polling a few times a second.
 pub const MAX_CONCURRENT_REQUESTS: usize = 4096;
 
 /// No request may take longer: every backend call inside has a shorter bound of its own.
@@ -67,7 +69,9 @@ pub fn router(state: AppState, gm_path: &str, gs_path: &str) -> Router {
     // A live feed's response is its headers; the stream after them is bounded by the
     // console's own feed limit, not by these.
     app.layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_CONCURRENT_REQUESTS))
+        // Global: `Router::layer` wraps each route on its own, and a plain concurrency limit
+        // would then bound each route separately.
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(MAX_CONCURRENT_REQUESTS))
 }
 
 async fn healthz() -> &'static str {

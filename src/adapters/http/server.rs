@@ -1,0 +1,224 @@
+//! The HTTP server loop: accepts connections, bounds how many are open at once and how long
+//! a client may take to send a request's headers, and serves the router on each (HTTP/1.1).
+//! `axum::serve` bounds neither: a client that opened connections and sent nothing, or
+//! trickled headers a byte at a time, could hold connections until the process ran out of
+//! file descriptors, and the IP allowlist only looks at a request once its headers are in.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+/// Connections open at once; past it the server stops accepting and new connections wait
+/// in the kernel's accept backlog. Twice the request bound: every host and GM client may
+/// keep a connection open (W1 polls from 1,000 hosts), with room for reconnects. Each open
+/// connection costs a file descriptor and a few KiB of buffers.
+pub const MAX_CONNECTIONS: usize = 8192;
+
+/// A request's headers must be in within this, counted from when the connection starts
+/// waiting for them; so a keep-alive connection idle this long is closed too (clients
+/// reconnect; polls come every second or so). What a slow client can hold is thereby one
+/// connection slot for at most this long per request.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pause after an accept error other than a client giving up: most likely the process is
+/// out of file descriptors, which only closing connections cures, and retrying at once
+/// would spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(200);
+
+/// The server's bounds; [`ServerLimits::default`] is what the relay uses.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits { max_connections: MAX_CONNECTIONS, header_read_timeout: HEADER_READ_TIMEOUT }
+    }
+}
+
+/// Serves `app` on `listener` until `stop` resolves; then stops accepting, lets requests in
+/// flight finish (idle connections close at once) and returns when every connection is
+/// closed. Handlers see the peer as `ConnectInfo<SocketAddr>`.
+pub async fn serve(listener: TcpListener, app: Router, limits: ServerLimits, stop: impl Future<Output = ()>) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    let mut stop = pin!(stop);
+    loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut stop => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(connection) => connection,
+            Err(e) if is_client_gone(&e) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot accept a connection; pausing");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(request.map(Body::new))
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                // A client that closed early or sent no headers in time; nothing to do.
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+fn is_client_gone(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// Bound on every wait here; the server's own bounds are far shorter.
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    async fn start(
+        limits: ServerLimits,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        let app = Router::new().route(
+            "/",
+            get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { format!("from {}", peer.ip()) }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, limits, async {
+            let _ = stop_rx.await;
+        }));
+        (addr, stop_tx, server)
+    }
+
+    /// Sends one GET on `stream` and reads its reply.
+    async fn request(stream: &mut TcpStream) -> String {
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        read_reply(stream).await
+    }
+
+    /// Reads until the body is in (the reply is small).
+    async fn read_reply(stream: &mut TcpStream) -> String {
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 1024];
+        let started = Instant::now();
+        while !String::from_utf8_lossy(&reply).contains("from ") {
+            assert!(started.elapsed() < DEADLINE, "no reply: {}", String::from_utf8_lossy(&reply));
+            let n = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+                .await
+                .expect("a reply in time")
+                .unwrap();
+            assert!(n > 0, "closed before replying");
+            reply.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&reply).into_owned()
+    }
+
+    /// Reads until the server closes the connection; how long that took.
+    async fn closed_after(stream: &mut TcpStream) -> Duration {
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("the server kept the connection open past {DEADLINE:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn handlers_see_the_peer_address() {
+        let (addr, _stop, _server) = start(ServerLimits::default()).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        assert!(request(&mut stream).await.ends_with("from 127.0.0.1"));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_no_complete_headers_is_disconnected() {
+        let limits =
+            ServerLimits { header_read_timeout: Duration::from_millis(300), ..ServerLimits::default() };
+        let (addr, _stop, _server) = start(limits).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut trickling = TcpStream::connect(addr).await.unwrap();
+        trickling.write_all(b"GET / HTTP/1.1\r\nHost").await.unwrap();
+        assert!(closed_after(&mut silent).await >= Duration::from_millis(250));
+        assert!(closed_after(&mut trickling).await < DEADLINE);
+        // An idle keep-alive connection is closed the same way after its last reply.
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        request(&mut idle).await;
+        assert!(closed_after(&mut idle).await >= Duration::from_millis(250));
+    }
+
+    #[tokio::test]
+    async fn past_the_connection_bound_new_connections_wait_until_one_closes() {
+        let limits = ServerLimits { max_connections: 2, ..ServerLimits::default() };
+        let (addr, _stop, _server) = start(limits).await;
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        request(&mut first).await;
+        request(&mut second).await;
+        // The kernel completes the handshake; the server does not take the connection.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        third.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let early = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buf)).await;
+        assert!(early.is_err(), "answered past the bound: {early:?}");
+        drop(first);
+        assert!(read_reply(&mut third).await.ends_with("from 127.0.0.1"));
+    }
+
+    #[tokio::test]
+    async fn stopping_closes_idle_connections_and_returns() {
+        let (addr, stop, server) = start(ServerLimits::default()).await;
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        request(&mut idle).await;
+        stop.send(()).unwrap();
+        tokio::time::timeout(DEADLINE, server).await.expect("stopped in time").unwrap();
+        closed_after(&mut idle).await;
+        assert!(TcpStream::connect(addr).await.is_err(), "still accepting after the stop");
+    }
+}
