@@ -38,13 +38,7 @@ impl RoleService for RoleClient {
         if !response.status().is_success() {
             return Err(RoleUnavailable(format!("status {}", response.status())));
         }
-        if response.content_length().is_some_and(|n| n as usize > MAX_ROLE_REPLY_BYTES) {
-            return Err(RoleUnavailable("reply too large".into()));
-        }
-        let body = response.bytes().await.map_err(|e| unavailable(&e))?;
-        if body.len() > MAX_ROLE_REPLY_BYTES {
-            return Err(RoleUnavailable("reply too large".into()));
-        }
+        let body = super::read_body(response, MAX_ROLE_REPLY_BYTES).await.map_err(|e| unavailable(&e))?;
         let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| unavailable(&e))?;
         // The original: not a dict, or `code` != 1 → the player does not exist. Python's
         // `!= 1` holds for 1.0 and True too.

@@ -19,6 +19,17 @@ const MAX_GS_LIST_BYTES: usize = 4 * 1024 * 1024;
 /// Bound on one server list download.
 const GS_LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a server-list download was not used.
+#[derive(Debug, thiserror::Error)]
+pub enum GsListError {
+    #[error("cannot fetch the server list: {0}")]
+    Fetch(#[from] reqwest::Error),
+    #[error("the server list answered status {0}")]
+    Status(u16),
+    #[error("the server list: {0}")]
+    Body(#[from] crate::adapters::BodyError),
+}
+
 pub struct Access {
     gm_allow: Vec<IpNet>,
     gs_allow: Vec<IpNet>,
@@ -74,15 +85,12 @@ impl Access {
     }
 
     /// Downloads the server list once; on any failure the last good list stays.
-    pub async fn refresh_gs_list(&self, http: &reqwest::Client, url: &str) -> Result<usize, String> {
-        let response = http.get(url).timeout(GS_LIST_TIMEOUT).send().await.map_err(|e| e.to_string())?;
+    pub async fn refresh_gs_list(&self, http: &reqwest::Client, url: &str) -> Result<usize, GsListError> {
+        let response = http.get(url).timeout(GS_LIST_TIMEOUT).send().await?;
         if !response.status().is_success() {
-            return Err(format!("status {}", response.status()));
+            return Err(GsListError::Status(response.status().as_u16()));
         }
-        let body = response.bytes().await.map_err(|e| e.to_string())?;
-        if body.len() > MAX_GS_LIST_BYTES {
-            return Err("server list too large".into());
-        }
+        let body = crate::adapters::read_body(response, MAX_GS_LIST_BYTES).await?;
         let ips = parse_server_list(&String::from_utf8_lossy(&body));
         let n = ips.len();
         self.set_gs_list(ips);
