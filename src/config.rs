@@ -279,7 +279,7 @@ fn rate(key: &str, v: &str) -> Result<u32, ConfigError> {
 pub fn parse_duration(v: &str) -> Option<Duration> {
     let v = v.trim();
     let unit = v.chars().last()?;
-    let n: u64 = v[..v.len() - 1].parse().ok().filter(|n| *n > 0)?;
+    let n: u64 = v[..v.len() - unit.len_utf8()].parse().ok().filter(|n| *n > 0)?;
     let secs = match unit {
         's' => n,
         'm' => n.checked_mul(60)?,
@@ -376,6 +376,9 @@ mod tests {
         assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
         assert_eq!(parse_duration("0d"), None);
+        // A unit that is not one byte is refused, not a panic.
+        assert_eq!(parse_duration("7д"), None);
+        assert_eq!(parse_duration("д"), None);
         assert_eq!(parse_bytes("512MiB"), Some(512 << 20));
         assert_eq!(parse_bytes("1000"), Some(1000));
         assert_eq!(parse_bytes("x"), None);

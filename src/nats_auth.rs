@@ -47,7 +47,7 @@ pub fn parse_hosts(spec: &str) -> Result<Vec<HostId>, AuthError> {
         };
         let lo = HostId::parse(lo.as_bytes()).ok_or_else(bad)?;
         let hi = HostId::parse(hi.as_bytes()).ok_or_else(bad)?;
-        if lo.0 > hi.0 || (hi.0 - lo.0) as u64 >= MAX_AUTH_HOSTS as u64 {
+        if lo.0 > hi.0 || hi.0.abs_diff(lo.0) >= MAX_AUTH_HOSTS as u64 {
             return Err(if lo.0 > hi.0 { bad() } else { AuthError::TooManyHosts });
         }
         hosts.extend((lo.0..=hi.0).map(HostId));
@@ -158,6 +158,11 @@ mod tests {
             assert!(parse_hosts(bad).is_err(), "{bad:?}");
         }
         assert!(matches!(parse_hosts("0-100000"), Err(AuthError::TooManyHosts)));
+        // The widest range the ids allow is too many, not an overflow.
+        assert!(matches!(
+            parse_hosts("-9223372036854775808-9223372036854775807"),
+            Err(AuthError::TooManyHosts)
+        ));
     }
 
     #[test]

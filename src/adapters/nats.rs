@@ -115,6 +115,10 @@ const ORDERED_BATCH_TIMEOUT: Duration = Duration::from_secs(3);
 /// lost and is retried (same message id) while [`PUBLISH_TIMEOUT`] allows.
 const PUBLISH_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(600);
 
+/// Bound on a health check's round trip to NATS (`/readyz`): a server that takes longer
+/// to answer a PING is not one to send traffic to.
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Pause before retrying a failed publish attempt (e.g. "no responders" during a stream
 /// leader election).
 const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(50);
@@ -441,7 +445,7 @@ impl JetStreamBus {
         if self.client.connection_state() != State::Connected {
             return Err(unavailable("not connected"));
         }
-        tokio::time::timeout(Duration::from_secs(1), self.client.flush())
+        tokio::time::timeout(PING_TIMEOUT, self.client.flush())
             .await
             .map_err(unavailable)?
             .map_err(unavailable)

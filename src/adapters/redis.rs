@@ -54,6 +54,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// the next command.
 const RECONNECT_RETRIES: usize = 3;
 
+/// Longest pause between those attempts: a restarted Redis is back in use within half a
+/// second of answering, and three attempts stay well under a request's bound.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
+
 mod keys {
     use super::PREFIX;
     use crate::domain::HostId;
@@ -314,7 +318,7 @@ impl RedisStore {
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_number_of_retries(RECONNECT_RETRIES)
-            .set_max_delay(Duration::from_millis(500));
+            .set_max_delay(RECONNECT_MAX_DELAY);
         let conn = client.get_connection_manager_with_config(config).await?;
         Ok(Self { conn, scripts: std::sync::Arc::new(Scripts::load()) })
     }

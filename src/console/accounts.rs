@@ -168,7 +168,12 @@ impl SignIn {
             verify_password(&candidate, &phc)
         })
         .await
-        .unwrap_or(false);
+        .map_err(|e| {
+            // A panic in the check is our fault, not a wrong password: not counted against
+            // the account, answered as "try again".
+            tracing::error!(%gm, error = %e, "console password check failed");
+            SignInError::Busy
+        })?;
         let Some(credentials) = credentials.filter(|_| matches) else {
             store.record_signin_failure(gm, ip, SIGNIN_WINDOW).await?;
             tracing::info!(%gm, %ip, "console sign-in failed");
