@@ -49,6 +49,12 @@ pub struct Config {
 /// switches; 64 covers any box a relay runs on, and a typo like 1000 is refused.
 pub const MAX_WORKER_THREADS: usize = 64;
 
+/// Longest role service timeout accepted, in milliseconds. An `add` waits for the role
+/// service and a few Redis commands (2 s each at most) inside the 15 s request bound
+/// ([`crate::adapters::http::REQUEST_TIMEOUT`]); past that bound the client would get an
+/// HTTP 503 instead of errno 7.
+pub const MAX_ROLE_TIMEOUT_MS: u64 = 5_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
@@ -80,7 +86,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("GM_RELAY_GS_LIST_URL", "", "server list URL whose IPs join the GS allowlist"),
     ("GM_RELAY_GS_LIST_REFRESH_S", "60", "server list refresh period, seconds"),
     ("GM_RELAY_ROLE_INFO_URL", "", "role service URL template with {uid} and {host}; empty = off"),
-    ("GM_RELAY_ROLE_TIMEOUT_MS", "2000", "role service timeout, milliseconds"),
+    ("GM_RELAY_ROLE_TIMEOUT_MS", "2000", "role service timeout, milliseconds (1 to 5000)"),
     ("GM_RELAY_TRUSTED_PROXIES", "", "proxies whose X-Real-IP / X-Forwarded-For are believed"),
     ("GM_RELAY_RETENTION_MAX_AGE", "7d", "how long a stream keeps a message"),
     ("GM_RELAY_RETENTION_MAX_BYTES", "10GiB", "size bound of each stream"),
@@ -140,10 +146,13 @@ impl Config {
             role_info_url: opt("GM_RELAY_ROLE_INFO_URL")
                 .map(|u| url_like("GM_RELAY_ROLE_INFO_URL", u, &["http://", "https://"]))
                 .transpose()?,
-            role_timeout: Duration::from_millis(positive(
-                "GM_RELAY_ROLE_TIMEOUT_MS",
-                &get("GM_RELAY_ROLE_TIMEOUT_MS"),
-            )?),
+            role_timeout: Duration::from_millis(
+                Some(positive("GM_RELAY_ROLE_TIMEOUT_MS", &get("GM_RELAY_ROLE_TIMEOUT_MS"))?)
+                    .filter(|ms| *ms <= MAX_ROLE_TIMEOUT_MS)
+                    .ok_or_else(|| {
+                        invalid("GM_RELAY_ROLE_TIMEOUT_MS", format!("expected 1 to {MAX_ROLE_TIMEOUT_MS}"))
+                    })?,
+            ),
             trusted_proxies: nets("GM_RELAY_TRUSTED_PROXIES", &get("GM_RELAY_TRUSTED_PROXIES"))?,
             retention_max_age: parse_duration(&get("GM_RELAY_RETENTION_MAX_AGE"))
                 .ok_or_else(|| invalid("GM_RELAY_RETENTION_MAX_AGE", "expected e.g. 7d, 12h, 30m, 90s"))?,
@@ -328,6 +337,7 @@ mod tests {
             ("GM_RELAY_RETENTION_MAX_AGE", "7 days"),
             ("GM_RELAY_RETENTION_MAX_BYTES", "-1"),
             ("GM_RELAY_ROLE_TIMEOUT_MS", "0"),
+            ("GM_RELAY_ROLE_TIMEOUT_MS", "5001"),
             ("GM_RELAY_RATE_GM_PER_S", "-3"),
             ("GM_RELAY_GM_PATH", "gm"),
             ("GM_RELAY_GS_PATH", "/console/x"),
