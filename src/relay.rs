@@ -59,6 +59,11 @@ const PUBLISH_FLUSH_WAIT: Duration = Duration::from_secs(2);
 /// relay holds the outbox lease.
 const FLUSH_RECHECK: Duration = Duration::from_millis(20);
 
+/// Poll locks kept before the unused ones are dropped: more than a deployment's hosts
+/// (two feeds each), so pruning is rare; feeds of host ids that come and go (a
+/// misconfigured game server) cannot grow the map past it for long.
+const POLL_LOCKS_PRUNE_AT: usize = 50_000;
+
 /// Chat rate limits (per second; 0 = off).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ChatLimits {
@@ -77,7 +82,8 @@ pub struct Relay<S, B, R> {
     /// Newest outbox seq this relay knows to be published.
     pub(crate) outbox_published: watch::Sender<u64>,
     /// One lock per feed: polls of one feed are serialised inside this relay (the Redis
-    /// lease does it across relays). Holds one small entry per feed ever polled.
+    /// lease does it across relays). One small entry per feed polled; unused entries are
+    /// dropped past [`POLL_LOCKS_PRUNE_AT`].
     poll_locks: Mutex<HashMap<Feed, Arc<tokio::sync::Mutex<()>>>>,
     #[cfg(feature = "fault-injection")]
     pub faults: crate::faults::Faults,
@@ -304,6 +310,11 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
     async fn take_turn(&self, feed: Feed) -> Result<Option<Turn>, RelayError> {
         let lock = {
             let mut locks = self.poll_locks.lock().unwrap_or_else(|p| p.into_inner());
+            if locks.len() >= POLL_LOCKS_PRUNE_AT {
+                // Held only by the map: no poll holds or awaits it. At most one per request
+                // in flight is in use, far fewer than the bound, so pruning is rare.
+                locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            }
             Arc::clone(locks.entry(feed).or_default())
         };
         let deadline = tokio::time::Instant::now() + POLL_TURN_WAIT;

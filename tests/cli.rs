@@ -118,6 +118,9 @@ async fn a_stalled_stderr_drops_log_lines_instead_of_stalling_the_relay() {
     // A pipe nobody reads fills after 64 KiB, as with a log shipper that hung.
     let (mut unread, stderr) = std::io::pipe().expect("pipe");
     app.start_process_with_stderr(&[("RUST_LOG", "trace")], stderr.into()).await;
+    // The host has a player, so each of its polls fetches from JetStream (and logs it).
+    app.create_gm(7, "Alice").await;
+    app.add(7, 3, 1001).await;
     let dropped = |metrics: &str| -> u64 {
         metrics
             .lines()

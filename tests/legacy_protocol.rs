@@ -446,6 +446,43 @@ async fn empty_polls_have_empty_python_containers() {
     assert_eq!(r.text(), format!(r#"{{"res": 1, "data": "{}"}}"#, STANDARD.encode("{}")));
 }
 
+/// The consumers of a stream, by name.
+async fn consumer_names(js: &async_nats::jetstream::Context, stream: &str) -> BTreeSet<String> {
+    let stream = js.get_stream(stream).await.expect("stream");
+    let mut names = stream.consumer_names();
+    let mut found = BTreeSet::new();
+    while let Some(name) = futures::StreamExt::next(&mut names).await {
+        found.insert(name.expect("consumer name"));
+    }
+    found
+}
+
+#[tokio::test]
+async fn polls_for_hosts_nothing_was_sent_to_leave_no_consumer_behind() {
+    let app = TestApp::spawn().await;
+    let js = app.jetstream().await;
+    // A misconfigured game server polls host ids nobody ever sent anything to: each poll
+    // is answered, empty, and leaves nothing in JetStream.
+    for host in 5000..5020 {
+        assert_eq!(app.gs_receive(host).await, vec![], "host {host}");
+        assert_eq!(app.relation(host).await, (json!({}), json!([])), "host {host}");
+    }
+    assert_eq!(consumer_names(&js, "GM_TO_HOST").await, BTreeSet::new());
+
+    // Once a host has a player, its next polls serve everything sent to it.
+    app.create_gm(7, "Alice").await;
+    app.add(7, 5000, 1001).await;
+    wait_until_async(Duration::from_secs(5), "the host hears of its new player", || async {
+        app.relation(5000).await.0.get("1001").is_some()
+    })
+    .await;
+    assert_eq!(app.gm_send(7, 1001, "hi").await.res(), 1);
+    assert_eq!(app.gs_receive(5000).await, vec![("1001".to_owned(), vec!["hi".to_owned()])]);
+    let expected: BTreeSet<String> =
+        ["host_5000", "legacy_chat_5000", "legacy_rel_5000"].into_iter().map(str::to_owned).collect();
+    assert_eq!(consumer_names(&js, "GM_TO_HOST").await, expected);
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Every errno
 

@@ -342,31 +342,46 @@ async fn both_relays_creating_the_same_consumers_at_once_share_them() {
     let clients: Vec<Legacy> = relays.iter().map(RelayInstance::client).collect();
     clients[0].create_gm(GM, "Alice").await;
 
-    // Per new host, at the same moment: an add on each relay (each creates the host's
-    // native consumer) and a chat poll and a relation poll on each relay (each creates
-    // the legacy consumer).
-    let racers = HOSTS.map(|host| {
+    // Per new host, at the same moment: an add on each relay, each creating the host's
+    // native consumer.
+    let adders = HOSTS.map(|host| {
         let clients = clients.clone();
         tokio::spawn(async move {
-            let uid = |i: i64| host * 100 + i;
-            let (a0, a1, r0, r1, l0, l1) = tokio::join!(
-                clients[0].add(GM, host, uid(0)),
-                clients[1].add(GM, host, uid(1)),
+            let (a0, a1) =
+                tokio::join!(clients[0].add(GM, host, host * 100), clients[1].add(GM, host, host * 100 + 1));
+            assert_eq!((a0.res(), a1.res()), (1, 1), "adds on host {host}: {} / {}", a0.text(), a1.text());
+        })
+    });
+    join_all(adders).await.into_iter().for_each(|r| r.expect("adder did not panic"));
+
+    // A legacy consumer is made once something is stored for its host: once the adds'
+    // friend events are, a chat poll and a relation poll on each relay, at the same
+    // moment, each create the host's legacy consumers.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+    let stream = js.get_stream("GM_TO_HOST").await.expect("stream");
+    for host in HOSTS {
+        wait_until_async(Duration::from_secs(10), &format!("host {host}'s friend events are stored"), || {
+            let stream = stream.clone();
+            async move { stream.get_last_raw_message_by_subject(&format!("gm.to.host.{host}")).await.is_ok() }
+        })
+        .await;
+    }
+    let pollers = HOSTS.map(|host| {
+        let clients = clients.clone();
+        tokio::spawn(async move {
+            let (r0, r1, l0, l1) = tokio::join!(
                 clients[0].try_gs_receive(host),
                 clients[1].try_gs_receive(host),
                 clients[0].relation(host),
                 clients[1].relation(host),
             );
-            assert_eq!((a0.res(), a1.res()), (1, 1), "adds on host {host}: {} / {}", a0.text(), a1.text());
             r0.expect("chat poll on relay A");
             r1.expect("chat poll on relay B");
             let _ = (l0, l1);
         })
     });
-    join_all(racers).await.into_iter().for_each(|r| r.expect("racer did not panic"));
+    join_all(pollers).await.into_iter().for_each(|r| r.expect("poller did not panic"));
 
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
-    let stream = js.get_stream("GM_TO_HOST").await.expect("stream");
     let mut names = stream.consumer_names();
     let mut found = BTreeSet::new();
     while let Some(name) = futures::StreamExt::next(&mut names).await {

@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::context::CreateStreamErrorKind;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{ConsumerCreateStrictErrorKind, ConsumerError, ConsumerErrorKind};
+use async_nats::jetstream::stream::{
+    ConsumerCreateStrictErrorKind, ConsumerError, ConsumerErrorKind, LastRawMessageErrorKind,
+};
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -182,6 +184,28 @@ fn remember_failure(failed: &mut HashMap<String, Instant>, name: &str) {
     failed.insert(name.to_owned(), Instant::now() + CREATE_RETRY_PAUSE);
 }
 
+/// A host's legacy feed found with no consumer and nothing stored for the host is not
+/// looked at again for this long: its polls answer empty without asking JetStream. A relay
+/// that publishes to the host forgets the mark at once; through another relay, a new
+/// host's first message is served up to this late.
+const NOTHING_STORED_RECHECK: Duration = Duration::from_secs(5);
+
+/// Hosts remembered as having nothing stored; past it the marks start over (a forgotten
+/// one is merely looked at again).
+const MAX_NOTHING_STORED: usize = 100_000;
+
+/// Whether [`JetStreamBus::get_or_create`] may create a missing consumer.
+#[derive(Clone, Copy)]
+enum Create {
+    Always,
+    /// Only when something is stored on the host's subject: a poll for a host id nothing
+    /// was ever sent to (a misconfigured game server, a typo, a scan) must not leave a
+    /// durable consumer behind, or enough of them would fill the stream's consumer limit
+    /// and stop real hosts from getting theirs. Nothing is lost by waiting: the consumer
+    /// delivers from the stream's start.
+    IfStored(HostId),
+}
+
 /// Bound on connecting to NATS at start-up (per attempt over the configured servers).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -240,6 +264,8 @@ pub struct JetStreamBus {
     /// stream's consumer limit, a cluster without quorum) do not turn every poll into
     /// failing API calls.
     failed_creations: Mutex<HashMap<String, Instant>>,
+    /// Hosts without a legacy consumer and with nothing stored, until when to believe it.
+    nothing_stored: Mutex<HashMap<HostId, Instant>>,
     /// Replicas of the consumers this bus creates; 0 = as many as their stream.
     consumer_replicas: usize,
     /// Writes the console's history copies behind the sends.
@@ -262,6 +288,7 @@ impl JetStreamBus {
             consumers: Mutex::new(HashMap::new()),
             host_consumers: Mutex::new(HashSet::new()),
             failed_creations: Mutex::new(HashMap::new()),
+            nothing_stored: Mutex::new(HashMap::new()),
             consumer_replicas: 0,
             history,
             metrics,
@@ -328,10 +355,22 @@ impl JetStreamBus {
         Ok(())
     }
 
-    async fn consumer(&self, feed: Feed) -> Result<PullConsumer, RelayError> {
+    /// The legacy consumer of `feed`; `None` for a host's feed whose consumer does not
+    /// exist while nothing is stored for the host (see [`Create::IfStored`]).
+    async fn consumer(&self, feed: Feed) -> Result<Option<PullConsumer>, RelayError> {
         self.ensure_connected()?;
         if let Some(c) = self.consumers.lock().unwrap_or_else(|p| p.into_inner()).get(&feed) {
-            return Ok(c.clone());
+            return Ok(Some(c.clone()));
+        }
+        let create = match feed {
+            Feed::HostChat(host) | Feed::HostRelation(host) => Create::IfStored(host),
+            Feed::GmChat => Create::Always,
+        };
+        if let Create::IfStored(host) = create {
+            let marks = self.nothing_stored.lock().unwrap_or_else(|p| p.into_inner());
+            if marks.get(&host).is_some_and(|until| Instant::now() < *until) {
+                return Ok(None);
+            }
         }
         let (stream_name, durable, filter) = names::feed_consumer(feed);
         let config = consumer::pull::Config {
@@ -345,13 +384,37 @@ impl JetStreamBus {
             num_replicas: self.consumer_replicas,
             ..Default::default()
         };
-        let created = self.get_or_create(stream_name, &durable, config).await?;
+        let Some(created) = self.get_or_create(stream_name, &durable, config, create).await? else {
+            return Ok(None);
+        };
         let mut cache = self.consumers.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED_CONSUMERS {
             cache.clear();
         }
         cache.insert(feed, created.clone());
-        Ok(created)
+        Ok(Some(created))
+    }
+
+    /// Whether anything is stored on the host's subject now. A "no" is remembered for
+    /// [`NOTHING_STORED_RECHECK`].
+    async fn anything_stored(&self, host: HostId) -> Result<bool, RelayError> {
+        let stream = self.js.get_stream_no_info(names::STREAM_TO_HOST).await.map_err(unavailable)?;
+        match stream.get_last_raw_message_by_subject(&names::subject(Route::ToHost(host))).await {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
+                let mut marks = self.nothing_stored.lock().unwrap_or_else(|p| p.into_inner());
+                if marks.len() >= MAX_NOTHING_STORED {
+                    let now = Instant::now();
+                    marks.retain(|_, until| *until > now);
+                    if marks.len() >= MAX_NOTHING_STORED {
+                        marks.clear();
+                    }
+                }
+                marks.insert(host, Instant::now() + NOTHING_STORED_RECHECK);
+                Ok(false)
+            }
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     fn forget_consumer(&self, feed: Feed) {
@@ -359,15 +422,17 @@ impl JetStreamBus {
     }
 
     /// Binds the durable consumer `name` of `stream`, creating it with `config` if it does
-    /// not exist: one API call when it exists (no stream lookup first), two when it is
-    /// created. An existing consumer keeps its own configuration. A refusal by the server
-    /// is remembered for [`CREATE_RETRY_PAUSE`], during which the same name fails at once.
+    /// not exist and `create` allows (else `None`): one API call when it exists (no stream
+    /// lookup first), two when it is created, three with [`Create::IfStored`]. An existing
+    /// consumer keeps its own configuration. A refusal by the server is remembered for
+    /// [`CREATE_RETRY_PAUSE`], during which the same name fails at once.
     async fn get_or_create(
         &self,
         stream: &str,
         name: &str,
         config: consumer::pull::Config,
-    ) -> Result<PullConsumer, RelayError> {
+        create: Create,
+    ) -> Result<Option<PullConsumer>, RelayError> {
         if let Some(until) = self.failed_creations.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
             if Instant::now() < *until {
                 return Err(unavailable(format!(
@@ -396,15 +461,22 @@ impl JetStreamBus {
                         Ok(updated) => c = updated,
                         Err(e) => tracing::warn!(consumer = name, error = %e, "could not update the consumer's ack wait"),
                     }
-                    Ok(c)
+                    Ok(Some(c))
                 }
-                Ok(c) => Ok(c),
+                Ok(c) => Ok(Some(c)),
                 Err(e) if not_found(&e) => {
+                    if let Create::IfStored(host) = create {
+                        match self.anything_stored(host).await {
+                            Ok(true) => {}
+                            Ok(false) => return Ok(None),
+                            Err(e) => return Err((false, e)),
+                        }
+                    }
                     match self.js.create_consumer_strict_on_stream(config, stream).await {
-                        Ok(c) => Ok(c),
+                        Ok(c) => Ok(Some(c)),
                         // Another relay may have created it meanwhile, perhaps with another
                         // configuration; if not, the creation's own error says why.
-                        Err(refused) => self.js.get_consumer_from_stream(name, stream).await.map_err(|_| {
+                        Err(refused) => self.js.get_consumer_from_stream(name, stream).await.map(Some).map_err(|_| {
                             let server = match refused.kind() {
                                 ConsumerCreateStrictErrorKind::JetStream(j) => Some(j),
                                 _ => None,
@@ -484,6 +556,10 @@ impl JetStreamBus {
         payload: Bytes,
     ) -> Result<jetstream::context::PublishAckFuture, RelayError> {
         self.ensure_connected()?;
+        if let Route::ToHost(host) = route {
+            // This host has something stored from now on: its polls look again.
+            self.nothing_stored.lock().unwrap_or_else(|p| p.into_inner()).remove(&host);
+        }
         let message = PublishMessage::build().payload(payload).message_id(id);
         self.js.send_publish(names::subject(route), message).await.map_err(unavailable)
     }
@@ -617,7 +693,10 @@ impl EventBus for JetStreamBus {
     }
 
     async fn fetch(&self, feed: Feed, max: usize) -> Result<Vec<Delivery<Self::Handle>>, RelayError> {
-        let consumer = self.consumer(feed).await?;
+        let Some(consumer) = self.consumer(feed).await? else {
+            // Nothing was ever sent to this host: nothing to serve.
+            return Ok(Vec::new());
+        };
         let fetched = tokio::time::timeout(FETCH_TIMEOUT, async {
             let mut batch = consumer.fetch().max_messages(max).messages().await.map_err(unavailable)?;
             let mut out = Vec::new();
@@ -665,7 +744,7 @@ impl EventBus for JetStreamBus {
             num_replicas: self.consumer_replicas,
             ..Default::default()
         };
-        self.get_or_create(names::STREAM_TO_HOST, &name, config).await?;
+        self.get_or_create(names::STREAM_TO_HOST, &name, config, Create::Always).await?;
         let mut known = self.host_consumers.lock().unwrap_or_else(|p| p.into_inner());
         if known.len() >= MAX_CACHED_CONSUMERS {
             known.clear();
