@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use futures::StreamExt;
 use support::app::{consumer_backlog, stored_events, TestApp};
+use support::wait_until_async;
 
 const GM: i64 = 7;
 const HOST: i64 = 3;
@@ -87,11 +88,22 @@ async fn a_hosts_events_come_again_from_a_sequence_or_an_age() {
         vec![(UID.to_string(), (0..5).map(|k| format!("m{k}")).collect())]
     );
 
-    // Nothing of the host in range (its feed exists once polled), a consumer that does not
-    // exist, bad arguments.
+    // Nothing of the host in range: once its last event is over a second old.
+    let host = HOST.to_string();
+    wait_until_async(Duration::from_secs(15), "the host has no event in the last second", || {
+        let out = replay(&app, &["--host", &host, "--since", "1s", "--feed", "chat"]);
+        async move { String::from_utf8_lossy(&out.stdout).contains("nothing changed") }
+    })
+    .await;
+    // Hosts without the consumer: polled but never sent anything (no legacy consumer is
+    // made for them), never heard of.
     assert_eq!(app.gs_receive(98).await, vec![]);
     let out = replay(&app, &["--host", "98", "--since", "1h", "--feed", "chat"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing changed"), "{out:?}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("host 98 has no consumer legacy_chat_98"),
+        "{out:?}"
+    );
     let out = replay(&app, &["--host", "99", "--from-seq", "1"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("host 99 has no consumer host_99"), "{out:?}");

@@ -244,10 +244,21 @@ async fn redis_too_slow_add_answers_errno_10_and_changes_nothing() {
 #[tokio::test]
 async fn a_consumer_the_stream_refuses_is_not_asked_for_at_every_poll() {
     let app = TestApp::spawn().await;
-    // One consumer exists, so the limit can be set to what there is (0 means no limit).
-    assert_eq!(app.gs("action=receive&host=76").await.errno(), None);
     let js = app.jetstream().await;
     let mut stream = js.get_stream("GM_TO_HOST").await.unwrap();
+    // Both hosts have a player, so their polls need their legacy consumers.
+    app.create_gm(GM, "Alice").await;
+    for (host, uid) in [(76, 7601), (77, 7701)] {
+        app.add(GM, host, uid).await;
+        wait_until_async(DEADLINE, &format!("host {host}'s friend event is stored"), || {
+            let stream = stream.clone();
+            async move { stream.get_last_raw_message_by_subject(&format!("gm.to.host.{host}")).await.is_ok() }
+        })
+        .await;
+    }
+    // Host 76's consumers exist, so the limit can be set to what there is (0 means no
+    // limit).
+    assert_eq!(app.gs("action=receive&host=76").await.errno(), None);
     let info = stream.info().await.unwrap().clone();
     let mut full = info.config.clone();
     full.max_consumers = info.state.consumer_count as i32;

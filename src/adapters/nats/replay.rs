@@ -64,7 +64,8 @@ pub enum ReplayError {
     #[error("NATS did not answer: {0}")]
     Nats(String),
     #[error(
-        "host {host} has no consumer {consumer} (it is created with the host's first player, or first poll)"
+        "host {host} has no consumer {consumer} (it is created with the host's first player, or at the \
+         host's first poll once something was sent to it)"
     )]
     NoSuchConsumer { host: HostId, consumer: String },
     #[error("the server refused the reset of {consumer}: {description} (code {code})")]
