@@ -161,7 +161,11 @@ impl Application {
         }
         let _ = serve_stop_tx.send(());
         let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
-        let server_result = match tokio::time::timeout_at(deadline, server).await {
+        // Requests get three quarters of the time: a client that never finishes its
+        // headers or never reads its reply must not leave the outbox and the history
+        // copies (queued in memory only) without time to be written.
+        let requests_deadline = deadline - config.shutdown_timeout / 4;
+        let server_result = match tokio::time::timeout_at(requests_deadline, server).await {
             Ok(joined) => joined.map_err(std::io::Error::other),
             Err(_) => {
                 tracing::warn!("in-flight requests did not finish in time; dropping them");

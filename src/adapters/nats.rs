@@ -20,6 +20,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -266,6 +267,9 @@ pub struct JetStreamBus {
     failed_creations: Mutex<HashMap<String, Instant>>,
     /// Hosts without a legacy consumer and with nothing stored, until when to believe it.
     nothing_stored: Mutex<HashMap<HostId, Instant>>,
+    /// Publishes to any host acknowledged so far: a "nothing stored" answer is only
+    /// believed if none was acknowledged while it was being asked.
+    host_publishes: AtomicU64,
     /// Replicas of the consumers this bus creates; 0 = as many as their stream.
     consumer_replicas: usize,
     /// Writes the console's history copies behind the sends.
@@ -289,6 +293,7 @@ impl JetStreamBus {
             host_consumers: Mutex::new(HashSet::new()),
             failed_creations: Mutex::new(HashMap::new()),
             nothing_stored: Mutex::new(HashMap::new()),
+            host_publishes: AtomicU64::new(0),
             consumer_replicas: 0,
             history,
             metrics,
@@ -398,11 +403,17 @@ impl JetStreamBus {
     /// Whether anything is stored on the host's subject now. A "no" is remembered for
     /// [`NOTHING_STORED_RECHECK`].
     async fn anything_stored(&self, host: HostId) -> Result<bool, RelayError> {
+        let publishes = self.host_publishes.load(Ordering::Acquire);
         let stream = self.js.get_stream_no_info(names::STREAM_TO_HOST).await.map_err(unavailable)?;
         match stream.get_last_raw_message_by_subject(&names::subject(Route::ToHost(host))).await {
             Ok(_) => Ok(true),
             Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
                 let mut marks = self.nothing_stored.lock().unwrap_or_else(|p| p.into_inner());
+                // A publish acknowledged meanwhile may be this host's, stored after the
+                // answer was made: then look again at the next poll.
+                if self.host_publishes.load(Ordering::Acquire) != publishes {
+                    return Ok(false);
+                }
                 if marks.len() >= MAX_NOTHING_STORED {
                     let now = Instant::now();
                     marks.retain(|_, until| *until > now);
@@ -523,6 +534,15 @@ impl JetStreamBus {
             .map_err(unavailable)
     }
 
+    /// After a PubAck: the host has something stored from now on, so its polls look again
+    /// (and a "nothing stored" answer already on its way is not believed).
+    fn stored(&self, route: Route) {
+        if let Route::ToHost(host) = route {
+            self.host_publishes.fetch_add(1, Ordering::AcqRel);
+            self.nothing_stored.lock().unwrap_or_else(|p| p.into_inner()).remove(&host);
+        }
+    }
+
     fn route_label(route: Route) -> &'static str {
         match route {
             Route::ToHost(_) => "to_host",
@@ -556,10 +576,6 @@ impl JetStreamBus {
         payload: Bytes,
     ) -> Result<jetstream::context::PublishAckFuture, RelayError> {
         self.ensure_connected()?;
-        if let Route::ToHost(host) = route {
-            // This host has something stored from now on: its polls look again.
-            self.nothing_stored.lock().unwrap_or_else(|p| p.into_inner()).remove(&host);
-        }
         let message = PublishMessage::build().payload(payload).message_id(id);
         self.js.send_publish(names::subject(route), message).await.map_err(unavailable)
     }
@@ -597,6 +613,7 @@ impl JetStreamBus {
             self.metrics.publish_retries.with_label_values(&[Self::route_label(route)]).inc();
             tokio::time::sleep(PUBLISH_RETRY_PAUSE).await;
         };
+        self.stored(route);
         if acked.duplicate {
             tracing::debug!(%id, "publish was a duplicate; already stored");
             self.metrics.publish_duplicates.with_label_values(&[Self::route_label(route)]).inc();
@@ -665,6 +682,7 @@ impl EventBus for JetStreamBus {
                 match stored.map_err(unavailable).and_then(|r| r.map_err(unavailable)) {
                     Ok(ack) => {
                         acked[i] = true;
+                        self.stored(events[i].0);
                         if ack.duplicate {
                             self.metrics.publish_duplicates.with_label_values(&["outbox"]).inc();
                         }
