@@ -460,11 +460,17 @@ async fn import_twice_and_check(source: &RedisServer) {
     check_imported(&target).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn imports_keys_written_as_the_original_writes_them() {
+/// A source Redis holding the scenario, written key by key as the original's handlers do.
+async fn source_with_scenario() -> RedisServer {
     let source = RedisServer::start();
     let conn = redis::Client::open(source.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
     scenario(&mut Direct { conn }).await;
+    source
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imports_keys_written_as_the_original_writes_them() {
+    let source = source_with_scenario().await;
     import_twice_and_check(&source).await;
 }
 
@@ -485,9 +491,7 @@ async fn imports_what_the_original_app_wrote() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_redis_that_does_not_answer_fails_the_run_instead_of_refusing_its_gms() {
-    let source = RedisServer::start();
-    let conn = redis::Client::open(source.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    scenario(&mut Direct { conn }).await;
+    let source = source_with_scenario().await;
     let target = Target::start();
     let config = target.config();
     let data = migrate::read_source(&source.url()).await.expect("source readable");
@@ -523,9 +527,7 @@ async fn a_relay_redis_that_does_not_answer_fails_the_run_instead_of_refusing_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_line_dry_run_writes_nothing_and_the_real_run_imports() {
-    let source = RedisServer::start();
-    let conn = redis::Client::open(source.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    scenario(&mut Direct { conn }).await;
+    let source = source_with_scenario().await;
     let target = Target::start();
     let run = |args: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gm-relay"));
