@@ -146,13 +146,11 @@ impl Config {
             role_info_url: opt("GM_RELAY_ROLE_INFO_URL")
                 .map(|u| url_like("GM_RELAY_ROLE_INFO_URL", u, &["http://", "https://"]))
                 .transpose()?,
-            role_timeout: Duration::from_millis(
-                Some(positive("GM_RELAY_ROLE_TIMEOUT_MS", &get("GM_RELAY_ROLE_TIMEOUT_MS"))?)
-                    .filter(|ms| *ms <= MAX_ROLE_TIMEOUT_MS)
-                    .ok_or_else(|| {
-                        invalid("GM_RELAY_ROLE_TIMEOUT_MS", format!("expected 1 to {MAX_ROLE_TIMEOUT_MS}"))
-                    })?,
-            ),
+            role_timeout: Duration::from_millis(at_most(
+                "GM_RELAY_ROLE_TIMEOUT_MS",
+                &get("GM_RELAY_ROLE_TIMEOUT_MS"),
+                MAX_ROLE_TIMEOUT_MS,
+            )?),
             trusted_proxies: nets("GM_RELAY_TRUSTED_PROXIES", &get("GM_RELAY_TRUSTED_PROXIES"))?,
             retention_max_age: parse_duration(&get("GM_RELAY_RETENTION_MAX_AGE"))
                 .ok_or_else(|| invalid("GM_RELAY_RETENTION_MAX_AGE", "expected e.g. 7d, 12h, 30m, 90s"))?,
@@ -188,15 +186,11 @@ impl Config {
                 "GM_RELAY_SHUTDOWN_TIMEOUT_S",
                 &get("GM_RELAY_SHUTDOWN_TIMEOUT_S"),
             )?),
-            worker_threads: match positive("GM_RELAY_WORKER_THREADS", &get("GM_RELAY_WORKER_THREADS")) {
-                Ok(n) if n <= MAX_WORKER_THREADS as u64 => n as usize,
-                _ => {
-                    return Err(invalid(
-                        "GM_RELAY_WORKER_THREADS",
-                        format!("expected 1 to {MAX_WORKER_THREADS}"),
-                    ))
-                }
-            },
+            worker_threads: at_most(
+                "GM_RELAY_WORKER_THREADS",
+                &get("GM_RELAY_WORKER_THREADS"),
+                MAX_WORKER_THREADS as u64,
+            )? as usize,
         };
         if config.consumer_replicas > config.stream_replicas {
             return Err(invalid("GM_RELAY_CONSUMER_REPLICAS", "must not exceed GM_RELAY_STREAM_REPLICAS"));
@@ -277,6 +271,14 @@ fn positive(key: &str, v: &str) -> Result<u64, ConfigError> {
     match v.trim().parse::<u64>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(invalid(key, "expected a positive integer")),
+    }
+}
+
+/// A positive integer no larger than `max`.
+fn at_most(key: &str, v: &str, max: u64) -> Result<u64, ConfigError> {
+    match v.trim().parse::<u64>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(invalid(key, format!("expected 1 to {max}"))),
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE};
 use base64::Engine;
 use serde_json::{json, Value};
-use support::app::{b64, enc, Reply, TestApp};
+use support::app::{b64, consumer_names, enc, Reply, TestApp};
 use support::wait_until_async;
 
 /// The exact body of every success without data, as Python's `json.dumps` wrote it.
@@ -444,17 +444,6 @@ async fn empty_polls_have_empty_python_containers() {
     let r = app.gm("action=receive").await;
     assert_legacy(&r);
     assert_eq!(r.text(), format!(r#"{{"res": 1, "data": "{}"}}"#, STANDARD.encode("{}")));
-}
-
-/// The consumers of a stream, by name.
-async fn consumer_names(js: &async_nats::jetstream::Context, stream: &str) -> BTreeSet<String> {
-    let stream = js.get_stream(stream).await.expect("stream");
-    let mut names = stream.consumer_names();
-    let mut found = BTreeSet::new();
-    while let Some(name) = futures::StreamExt::next(&mut names).await {
-        found.insert(name.expect("consumer name"));
-    }
-    found
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use support::app::{consumer_backlog, stored_events};
+use support::app::{consumer_backlog, consumer_names, stored_events, wait_stored_for_host};
 use support::relays::{base_settings, Legacy, RelayInstance};
 use support::{wait_until_async, NatsServer, RedisServer};
 
@@ -358,13 +358,8 @@ async fn both_relays_creating_the_same_consumers_at_once_share_them() {
     // friend events are, a chat poll and a relation poll on each relay, at the same
     // moment, each create the host's legacy consumers.
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
-    let stream = js.get_stream("GM_TO_HOST").await.expect("stream");
     for host in HOSTS {
-        wait_until_async(Duration::from_secs(10), &format!("host {host}'s friend events are stored"), || {
-            let stream = stream.clone();
-            async move { stream.get_last_raw_message_by_subject(&format!("gm.to.host.{host}")).await.is_ok() }
-        })
-        .await;
+        wait_stored_for_host(&js, host).await;
     }
     let pollers = HOSTS.map(|host| {
         let clients = clients.clone();
@@ -382,11 +377,7 @@ async fn both_relays_creating_the_same_consumers_at_once_share_them() {
     });
     join_all(pollers).await.into_iter().for_each(|r| r.expect("poller did not panic"));
 
-    let mut names = stream.consumer_names();
-    let mut found = BTreeSet::new();
-    while let Some(name) = futures::StreamExt::next(&mut names).await {
-        found.insert(name.expect("consumer name"));
-    }
+    let found = consumer_names(&js, "GM_TO_HOST").await;
     let expected: BTreeSet<String> = HOSTS
         .flat_map(|h| [format!("host_{h}"), format!("legacy_chat_{h}"), format!("legacy_rel_{h}")])
         .collect();

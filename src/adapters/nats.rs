@@ -174,15 +174,22 @@ const CREATE_RETRY_PAUSE: Duration = Duration::from_secs(5);
 /// is merely asked for again).
 const MAX_REMEMBERED_FAILURES: usize = 10_000;
 
-fn remember_failure(failed: &mut HashMap<String, Instant>, name: &str) {
-    if failed.len() >= MAX_REMEMBERED_FAILURES {
-        let now = Instant::now();
-        failed.retain(|_, until| *until > now);
-        if failed.len() >= MAX_REMEMBERED_FAILURES {
-            failed.clear();
+/// Remembers `key` until `for_` from now in a map of at most `max` entries: past it the
+/// expired go, and if none has, all (a forgotten entry is merely asked about again).
+fn remember_until<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, Instant>,
+    key: K,
+    for_: Duration,
+    max: usize,
+) {
+    let now = Instant::now();
+    if map.len() >= max {
+        map.retain(|_, until| *until > now);
+        if map.len() >= max {
+            map.clear();
         }
     }
-    failed.insert(name.to_owned(), Instant::now() + CREATE_RETRY_PAUSE);
+    map.insert(key, now + for_);
 }
 
 /// A host's legacy feed found with no consumer and nothing stored for the host is not
@@ -414,14 +421,7 @@ impl JetStreamBus {
                 if self.host_publishes.load(Ordering::Acquire) != publishes {
                     return Ok(false);
                 }
-                if marks.len() >= MAX_NOTHING_STORED {
-                    let now = Instant::now();
-                    marks.retain(|_, until| *until > now);
-                    if marks.len() >= MAX_NOTHING_STORED {
-                        marks.clear();
-                    }
-                }
-                marks.insert(host, Instant::now() + NOTHING_STORED_RECHECK);
+                remember_until(&mut marks, host, NOTHING_STORED_RECHECK, MAX_NOTHING_STORED);
                 Ok(false)
             }
             Err(e) => Err(unavailable(e)),
@@ -514,7 +514,7 @@ impl JetStreamBus {
             }
             Ok(Err((remember, e))) => {
                 if remember {
-                    remember_failure(&mut failed, name);
+                    remember_until(&mut failed, name.to_owned(), CREATE_RETRY_PAUSE, MAX_REMEMBERED_FAILURES);
                 }
                 Err(e)
             }

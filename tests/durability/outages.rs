@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::common::*;
-use crate::support::app::{b64, enc, stored_events, wait_poll_leases_released, Reply, TestApp};
+use crate::support::app::{
+    b64, enc, stored_events, wait_poll_leases_released, wait_stored_for_host, Reply, TestApp,
+};
 use crate::support::{send_signal, wait_until_async};
 
 const HOST: i64 = 3;
@@ -250,11 +252,7 @@ async fn a_consumer_the_stream_refuses_is_not_asked_for_at_every_poll() {
     app.create_gm(GM, "Alice").await;
     for (host, uid) in [(76, 7601), (77, 7701)] {
         app.add(GM, host, uid).await;
-        wait_until_async(DEADLINE, &format!("host {host}'s friend event is stored"), || {
-            let stream = stream.clone();
-            async move { stream.get_last_raw_message_by_subject(&format!("gm.to.host.{host}")).await.is_ok() }
-        })
-        .await;
+        wait_stored_for_host(&js, host).await;
     }
     // Host 76's consumers exist, so the limit can be set to what there is (0 means no
     // limit).

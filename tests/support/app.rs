@@ -396,6 +396,31 @@ pub async fn consumer_backlog(
     Some((info.num_pending, info.num_ack_pending))
 }
 
+/// Waits until something is stored on `gm.to.host.<host>` (an add's friend event is
+/// published by the outbox drainer, just after the add answered).
+pub async fn wait_stored_for_host(js: &async_nats::jetstream::Context, host: i64) {
+    let stream = js.get_stream("GM_TO_HOST").await.expect("stream");
+    wait_until_async(Duration::from_secs(10), &format!("something is stored for host {host}"), || {
+        let stream = stream.clone();
+        async move { stream.get_last_raw_message_by_subject(&format!("gm.to.host.{host}")).await.is_ok() }
+    })
+    .await;
+}
+
+/// The consumers of a stream, by name.
+pub async fn consumer_names(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> std::collections::BTreeSet<String> {
+    let stream = js.get_stream(stream).await.expect("stream");
+    let mut names = stream.consumer_names();
+    let mut found = std::collections::BTreeSet::new();
+    while let Some(name) = futures::StreamExt::next(&mut names).await {
+        found.insert(name.expect("consumer name"));
+    }
+    found
+}
+
 impl TestApp {
     /// A connection of the test's own to the relay's Redis.
     pub async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
