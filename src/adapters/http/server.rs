@@ -3,10 +3,14 @@
 //! `axum::serve` bounds neither: a client that opened connections and sent nothing, or
 //! trickled headers a byte at a time, could hold connections until the process ran out of
 //! file descriptors, and the IP allowlist only looks at a request once its headers are in.
+//! A client that stops reading its replies is bounded too: a reply write that makes no
+//! progress for [`WRITE_STALL_TIMEOUT`] closes the connection.
 
 use std::future::Future;
-use std::pin::pin;
+use std::io;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -17,8 +21,10 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Sleep;
 use tower::ServiceExt;
 
 /// Connections open at once; past it the server stops accepting and new connections wait
@@ -30,9 +36,14 @@ pub const MAX_CONNECTIONS: usize = 8192;
 /// A request's headers must be in within this, counted from when the connection starts
 /// waiting for them; so a keep-alive connection idle this long is closed too (clients
 /// reconnect; polls come every second or so; nginx's upstream keep-alive is set below it).
-/// There is no bound on a client that stops reading its replies: such connections are
-/// bounded in number by [`MAX_CONNECTIONS`], and on shutdown by the shutdown timeout.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A reply write that makes no progress for this long closes the connection: the client
+/// has stopped reading (the kernel's send buffer, hundreds of KiB, is full). Without it
+/// such a client would hold its connection slot and its request's concurrency slot until
+/// shutdown. A client that reads at all, however slowly, keeps its connection; the
+/// request timeout does not cover the reply's body.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Pause after an accept error other than a client giving up: most likely the process is
 /// out of file descriptors, which only closing connections cures, and retrying at once
@@ -44,11 +55,16 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(200);
 pub struct ServerLimits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    pub write_stall_timeout: Duration,
 }
 
 impl Default for ServerLimits {
     fn default() -> Self {
-        ServerLimits { max_connections: MAX_CONNECTIONS, header_read_timeout: HEADER_READ_TIMEOUT }
+        ServerLimits {
+            max_connections: MAX_CONNECTIONS,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            write_stall_timeout: WRITE_STALL_TIMEOUT,
+        }
     }
 }
 
@@ -84,6 +100,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ServerLimits, sto
             request.extensions_mut().insert(ConnectInfo(peer));
             app.clone().oneshot(request.map(Body::new))
         });
+        let stream = StallBounded::new(stream, limits.write_stall_timeout);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -95,6 +112,78 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ServerLimits, sto
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// A connection whose writes fail once one has been pending for `limit` without progress.
+/// The timer is armed only when a write cannot proceed (the send buffer is full), so the
+/// common path costs one branch.
+struct StallBounded<S> {
+    inner: S,
+    limit: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> StallBounded<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        StallBounded { inner, limit, stalled: None }
+    }
+
+    /// Called with a write's outcome: progress disarms the timer, a pending write arms it
+    /// (once) and fails when it fires.
+    fn bound<T>(&mut self, cx: &mut Context<'_>, outcome: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if outcome.is_ready() {
+            self.stalled = None;
+            return outcome;
+        }
+        let limit = self.limit;
+        let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client has not read its reply")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for StallBounded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for StallBounded<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let outcome = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.bound(cx, outcome)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let outcome = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.bound(cx, outcome)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let outcome = Pin::new(&mut self.inner).poll_flush(cx);
+        self.bound(cx, outcome)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let outcome = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.bound(cx, outcome)
+    }
 }
 
 fn is_client_gone(e: &std::io::Error) -> bool {
@@ -119,13 +208,21 @@ mod tests {
     /// Bound on every wait here; the server's own bounds are far shorter.
     const DEADLINE: Duration = Duration::from_secs(10);
 
+    /// The reply of `/big`: far more than loopback's socket buffers hold, so a client that
+    /// does not read it leaves the server's write pending.
+    const BIG_REPLY: usize = 64 << 20;
+
     async fn start(
         limits: ServerLimits,
     ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-        let app = Router::new().route(
-            "/",
-            get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { format!("from {}", peer.ip()) }),
-        );
+        let app = Router::new()
+            .route(
+                "/",
+                get(
+                    |ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { format!("from {}", peer.ip()) },
+                ),
+            )
+            .route("/big", get(|| async { vec![b'x'; BIG_REPLY] }));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -210,6 +307,66 @@ mod tests {
         assert!(early.is_err(), "answered past the bound: {early:?}");
         drop(first);
         assert!(read_reply(&mut third).await.ends_with("from 127.0.0.1"));
+    }
+
+    /// A connection with a small receive buffer that has asked for `/big`.
+    async fn ask_for_big(addr: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        stream.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        stream
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_its_reply_is_disconnected() {
+        let limits = ServerLimits {
+            max_connections: 1,
+            write_stall_timeout: Duration::from_millis(300),
+            ..ServerLimits::default()
+        };
+        let (addr, _stop, _server) = start(limits).await;
+        let mut stalled = ask_for_big(addr).await;
+        // The stalled client holds the only connection slot: without the bound the next
+        // client would never be served.
+        let mut next = TcpStream::connect(addr).await.unwrap();
+        assert!(request(&mut next).await.ends_with("from 127.0.0.1"));
+        let mut got = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match tokio::time::timeout(DEADLINE, stalled.read(&mut buf)).await.expect("closed in time") {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        assert!(got < BIG_REPLY, "the whole reply arrived: {got} bytes");
+    }
+
+    /// Through a pipe that holds 1 KiB, so a write waits until the reader takes something.
+    #[tokio::test]
+    async fn a_write_fails_only_after_the_bound_without_progress() {
+        const TOTAL: usize = 64 << 10;
+        let limit = Duration::from_millis(300);
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut bounded = StallBounded::new(near, limit);
+        let writer = tokio::spawn(async move { bounded.write_all(&[b'x'; TOTAL]).await });
+        // A reader that takes 1 KiB every third of the bound, for three bounds' time (the
+        // pace of the client, not a wait for the writer): the write keeps waiting, never
+        // the bound's length at once.
+        let mut buf = [0u8; 1024];
+        let mut got = 0;
+        let slow_until = Instant::now() + 3 * limit;
+        while Instant::now() < slow_until {
+            tokio::time::sleep(limit / 3).await;
+            got += tokio::time::timeout(DEADLINE, far.read(&mut buf)).await.expect("data in time").unwrap();
+        }
+        // 64 KiB cannot have gone at this pace: an ended write is a failed one.
+        assert!(!writer.is_finished(), "the write ended while the reader was reading");
+        // Then the reader stops: the write fails once the bound has passed.
+        let failed = tokio::time::timeout(DEADLINE, writer).await.expect("the write ended").unwrap();
+        let err = failed.expect_err("the write went on without a reader");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(got < TOTAL);
     }
 
     #[tokio::test]
