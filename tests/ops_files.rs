@@ -2,8 +2,9 @@
 //! systemd units by `systemd-analyze verify`, nginx configs by `nginx -t`, the Redis,
 //! replica and Sentinel configs by starting them (a replica that syncs, a Sentinel that
 //! finds both), and the example relay settings by the relay's own loader. A check whose
-//! tool is not installed says so and passes (`./deploy/cluster` installs nginx; systemd
-//! comes with Debian's `systemd` package).
+//! tool is not installed says so and passes (`./deploy/test` and `./deploy/cluster` install
+//! nginx; `systemd-analyze` comes with Debian's `systemd` package, which a container may
+//! lack).
 
 use std::fs;
 use std::net::TcpListener;
@@ -77,7 +78,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
 #[test]
 fn nginx_configs_pass_nginx_t() {
     let Some(nginx) = which("nginx", &["/usr/sbin/nginx"]) else {
-        eprintln!("skipped: nginx is not installed (./deploy/cluster installs it)");
+        eprintln!("skipped: nginx is not installed (./deploy/test installs it)");
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -53,16 +53,35 @@ _apt_install() {
         || _die "apt-get install $* failed" || return 1
 }
 
+# The oldest toolchain that builds the project (Cargo.toml's rust-version).
+RUST_MIN_VERSION="1.85"
+
 ensure_rust() {
     # rustup installs into ~/.cargo/bin and adds it to PATH only for login shells; a
     # non-login shell (cron, CI, ssh with a command) still finds that toolchain here.
     if ! command -v cargo >/dev/null 2>&1 && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
         export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
     fi
+    # The toolchain is the one thing not installed here: Debian's packaged cargo is older
+    # than the project needs on bookworm, and rustup needs a download site.
     if ! command -v cargo >/dev/null 2>&1; then
-        _die "cargo not found on PATH or in ${CARGO_HOME:-$HOME/.cargo}/bin: install Rust (https://rustup.rs) and re-run" || return 1
+        _die "cargo not found on PATH or in ${CARGO_HOME:-$HOME/.cargo}/bin: install Rust >= $RUST_MIN_VERSION with rustfmt and clippy (https://rustup.rs) and re-run" || return 1
     fi
+    local version
+    version="$(cargo --version | sed -n 's/^cargo \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p')"
+    if [ -z "$version" ] || [ "$(printf '%s\n%s\n' "$RUST_MIN_VERSION" "$version" | sort -V | head -n1)" != "$RUST_MIN_VERSION" ]; then
+        _die "$(cargo --version) is older than $RUST_MIN_VERSION, the oldest that builds gm-relay" || return 1
+    fi
+    cargo fmt --version >/dev/null 2>&1 || _die "cargo fmt is missing (rustup component add rustfmt)" || return 1
+    cargo clippy --version >/dev/null 2>&1 || _die "cargo clippy is missing (rustup component add clippy)" || return 1
+    # Linking, and the crates that build C (mimalloc, ring), need a C compiler.
+    command -v cc >/dev/null 2>&1 || _apt_install gcc libc6-dev || return 1
     _log "cargo: $(cargo --version)"
+}
+
+# curl, for the start-up health checks of deploy/dev and deploy/cluster.
+ensure_curl() {
+    command -v curl >/dev/null 2>&1 || _apt_install curl ca-certificates || return 1
 }
 
 ensure_redis() {
@@ -130,7 +149,8 @@ PY
         NATS_SERVER_BIN="$found"
     fi
     local got
-    got="$(_nats_version_of "$NATS_SERVER_BIN")"
+    # A binary that cannot run at all (noexec mount, other architecture) reports nothing.
+    got="$(_nats_version_of "$NATS_SERVER_BIN")" || got=""
     [ "$got" = "$NATS_VERSION" ] \
         || _die "$NATS_SERVER_BIN reports version '${got:-?}', expected $NATS_VERSION" || return 1
     export NATS_SERVER_BIN

@@ -312,14 +312,14 @@ struct Frozen(u32);
 
 impl Frozen {
     fn new(pid: u32) -> Frozen {
-        send_signal(pid, "-STOP");
+        send_signal(pid, libc::SIGSTOP);
         Frozen(pid)
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        send_signal(self.0, "-CONT");
+        send_signal(self.0, libc::SIGCONT);
     }
 }
 

@@ -215,7 +215,7 @@ impl TestApp {
     /// SIGTERM to the relay process; waits (bounded) for it to exit and returns its status.
     pub fn terminate_process(&mut self, within: Duration) -> std::process::ExitStatus {
         let (mut child, _) = self.process.take().expect("a relay process is running");
-        super::send_signal(child.id(), "-TERM");
+        super::send_signal(child.id(), libc::SIGTERM);
         let started = std::time::Instant::now();
         loop {
             if let Some(status) = child.try_wait().expect("poll the relay") {
