@@ -49,7 +49,7 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("gm_relay".into()), None).expect("static prefix is valid");
         let requests = IntCounterVec::new(
-            Opts::new("requests_total", "Legacy HTTP requests by side, action and result"),
+            Opts::new("requests_total", "Legacy HTTP and native NATS requests by side, action and result"),
             &["side", "action", "result"],
         )
         .expect("static metric definition");

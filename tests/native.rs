@@ -8,6 +8,7 @@ mod game_server;
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use game_server::GameServer;
 use serde_json::{json, Value};
 use support::app::TestApp;
@@ -208,4 +209,108 @@ async fn the_service_shows_in_discovery() {
     let subjects: Vec<&str> =
         info["endpoints"].as_array().unwrap().iter().map(|e| e["subject"].as_str().unwrap()).collect();
     assert!(subjects.contains(&"gm.relay.gs.*.send") && subjects.contains(&"gm.relay.gs.*.resync"), "{info}");
+}
+
+/// The relay may publish anywhere, so it must not answer into a subject the requester
+/// chose outside its inboxes: that would let one game server write into another host's
+/// feed or call JetStream's API with the relay's rights.
+#[tokio::test]
+async fn replies_go_only_to_the_requesters_inbox() {
+    let app = TestApp::spawn().await;
+    app.create_gm(7, "Alice").await;
+    app.add(7, 4, 1001).await;
+    let js = app.jetstream().await;
+    support::app::wait_stored_for_host(&js, 4).await;
+    let client = async_nats::connect(app.nats.url()).await.unwrap();
+    let body = || serde_json::to_vec(&json!({"uid": "1001", "text": "injected"})).unwrap().into();
+    let headers = |key: &str| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", key);
+        h
+    };
+    let targets = ["gm.to.host.5", "$JS.API.STREAM.PURGE.GM_TO_HOST", "_INBOX_host_5.x"];
+    for (i, reply) in targets.iter().enumerate() {
+        client
+            .publish_with_reply_and_headers(
+                "gm.relay.gs.4.send",
+                reply.to_string(),
+                headers(&format!("bad-{i}")),
+                body(),
+            )
+            .await
+            .unwrap();
+    }
+    // And one nobody waits for.
+    client.publish_with_headers("gm.relay.gs.4.send", headers("bad-none"), body()).await.unwrap();
+    client.flush().await.unwrap();
+    let legacy = app.legacy();
+    let refused = r#"gm_relay_requests_total{action="send",result="refused",side="native"}"#;
+    support::wait_until_async(WAIT, "the four requests are refused", || async {
+        legacy.metric(refused).await == 4
+    })
+    .await;
+    // Refused before anything was done: no message reached the GM, nothing was written
+    // to host 5's feed, and host 4's feed was not purged.
+    assert!(app.gm_receive().await.is_empty(), "a refused request was sent on");
+    assert!(support::app::stored_events(&js, "GM_TO_HOST", "gm.to.host.5").await.is_empty());
+    assert!(!support::app::stored_events(&js, "GM_TO_HOST", "gm.to.host.4").await.is_empty());
+    // The same request with an inbox is served.
+    let native = GameServer::connect(&app.nats.url(), 4, None).await.expect("binds host_4");
+    assert_eq!(native.send(1001, "fine", "good").await.unwrap()["ok"], true);
+}
+
+/// On a graceful stop the relay leaves the queue group first and answers every request
+/// NATS had already given it, including those still waiting for a slot: a game server
+/// gets an answer or, once no relay listens, "no responders" at once, never silence.
+#[tokio::test]
+async fn a_stopping_relay_answers_the_requests_it_was_given() {
+    // More than the relay handles at once (1,024), so that some wait in its subscription.
+    const REQUESTS: usize = 1100;
+    let mut app = TestApp::spawn().await;
+    app.create_gm(7, "Alice").await;
+    app.add(7, 4, 1001).await;
+    let client = async_nats::connect(app.nats.url()).await.unwrap();
+    // The native service subscribes just after the relay starts.
+    support::wait_until_async(WAIT, "the native service answers", || async {
+        client.request("gm.relay.gs.4.resync", "{}".into()).await.is_ok()
+    })
+    .await;
+    let mut replies = client.subscribe("_INBOX.stop-test.>").await.unwrap();
+    // Redis holds every resync for a while, so the relay's slots are all taken.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1000)
+        .arg("ALL")
+        .query_async(&mut app.redis_conn().await)
+        .await
+        .unwrap();
+    for i in 0..REQUESTS {
+        client
+            .publish_with_reply("gm.relay.gs.4.resync", format!("_INBOX.stop-test.{i}"), "{}".into())
+            .await
+            .unwrap();
+    }
+    // Sent after them on the same connection, the relay's answer to a ping shows that it
+    // has read them all: they are taken or waiting in its subscription.
+    client.request("$SRV.PING.gm-relay", "".into()).await.expect("the service answers a ping");
+    app.stop().await;
+    let mut seen = std::collections::HashSet::new();
+    let (mut answered, mut no_responders) = (0, 0);
+    while seen.len() < REQUESTS {
+        let Ok(Some(reply)) = tokio::time::timeout(WAIT, replies.next()).await else {
+            panic!("{} requests left unanswered ({answered} answered)", REQUESTS - seen.len());
+        };
+        assert!(seen.insert(reply.subject.to_string()), "answered twice: {}", reply.subject);
+        if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            no_responders += 1;
+        } else {
+            let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
+            assert_eq!(reply["ok"], true, "{reply}");
+            answered += 1;
+        }
+    }
+    assert!(
+        answered > 0,
+        "the relay stopped before any request reached it ({no_responders} without responders)"
+    );
 }

@@ -20,9 +20,15 @@ use super::nats::names;
 use crate::domain::{Errno, HostId, RelayError, Uid};
 use crate::metrics::Metrics;
 
-/// Requests handled at once; past it the service stops reading its subscriptions and NATS
-/// buffers (then drops, for a slow consumer) the rest, instead of this process.
+/// Requests handled at once; past it the service stops taking requests from its
+/// subscriptions, whose buffers in the client (async-nats's default, 65,536 messages each)
+/// hold the rest until NATS drops them for a slow consumer and the game servers retry.
 const MAX_IN_FLIGHT: usize = 1024;
+
+/// Inbox prefixes a request's reply subject may have: a host's own (with per-host
+/// credentials, `gm-relay nats-auth`, the only inbox it can read) or the client default.
+const HOST_INBOX_PREFIX: &str = "_INBOX_host_";
+const DEFAULT_INBOX_PREFIX: &str = "_INBOX.";
 
 /// A request body larger than this is refused: a chat line is at most 500 characters.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -68,13 +74,35 @@ pub async fn serve(
     let mut send = service.endpoint_builder().name("send").add(names::SERVICE_SEND).await?;
     let mut resync = service.endpoint_builder().name("resync").add(names::SERVICE_RESYNC).await?;
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut service = Some(service);
     loop {
         let (request, verb) = tokio::select! {
             Some(r) = send.next() => (r, "send"),
             Some(r) = resync.next() => (r, "resync"),
-            _ = stop.changed() => break,
+            _ = stop.changed(), if service.is_some() => {
+                // Stopping the service makes each endpoint unsubscribe (at its next poll)
+                // without dropping what it has already received, so NATS gives new
+                // requests to the other relays of the queue group and those already
+                // given to this one are still answered; the endpoints end once empty.
+                // Requests still on the wire when the unsubscribe takes effect are lost
+                // (the client library offers no drain for a service endpoint): their
+                // senders time out and retry under the same key.
+                if let Some(service) = service.take() {
+                    service.stop().await?;
+                }
+                continue;
+            }
             else => break,
         };
+        // The reply goes where the requester says; the relay may publish anywhere, so a
+        // reply subject outside an inbox would let a game server make the relay publish
+        // into another host's feed, a GM's subjects or JetStream's API.
+        let reply_to = request.message.reply.as_ref().map(|r| r.as_str());
+        if !reply_allowed(&request.message.subject, reply_to) {
+            tracing::warn!(subject = %request.message.subject, reply = ?reply_to, verb, "native request refused: its reply subject is not an inbox");
+            metrics.requests.with_label_values(&["native", verb, "refused"]).inc();
+            continue;
+        }
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break };
         let relay = Arc::clone(&relay);
         let metrics = Arc::clone(&metrics);
@@ -92,13 +120,34 @@ pub async fn serve(
             drop(permit);
         });
     }
-    service.stop().await?;
+    if let Some(service) = service {
+        service.stop().await?;
+    }
     // Requests already taken finish — replied to, their history copies queued — before the
     // relay flushes its history writer and closes the connection. The caller bounds this
     // wait by the shutdown timeout.
     let all = u32::try_from(MAX_IN_FLIGHT).unwrap_or(u32::MAX);
     let _ = permits.acquire_many(all).await;
     Ok(())
+}
+
+/// Whether a request's reply subject is an inbox the requesting host may read: the
+/// client default or the host's own prefix (a request on `gm.relay.gs.3.send` may not be
+/// answered into host 5's inbox). A request without one is not acted on either: nobody
+/// waits for it, and its sender could not learn what became of it.
+fn reply_allowed(subject: &str, reply: Option<&str>) -> bool {
+    let Some(reply) = reply else { return false };
+    if reply.contains(['*', '>', ' ', '\t']) {
+        return false;
+    }
+    let own_inbox = |host: HostId| {
+        reply
+            .strip_prefix(HOST_INBOX_PREFIX)
+            .and_then(|rest| rest.split_once('.'))
+            .is_some_and(|(id, rest)| id == host.to_string() && !rest.is_empty())
+    };
+    reply.strip_prefix(DEFAULT_INBOX_PREFIX).is_some_and(|rest| !rest.is_empty())
+        || names::service_host(subject).is_some_and(own_inbox)
 }
 
 async fn answer(relay: &AppRelay, verb: &str, message: &async_nats::Message) -> serde_json::Value {
@@ -151,4 +200,34 @@ async fn answer(relay: &AppRelay, verb: &str, message: &async_nats::Message) -> 
 /// 64 bytes.
 fn valid_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= 64 && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_go_only_to_the_requesting_hosts_inboxes() {
+        let send = "gm.relay.gs.3.send";
+        assert!(reply_allowed(send, Some("_INBOX.abc.1")));
+        assert!(reply_allowed(send, Some("_INBOX_host_3.abc.1")));
+        assert!(reply_allowed("gm.relay.gs.-3.resync", Some("_INBOX_host_-3.x")));
+        for refused in [
+            None,
+            Some("gm.to.host.5"),
+            Some("gs.to.gm.7"),
+            Some("gm.hist.7.1001.player"),
+            Some("$JS.API.STREAM.PURGE.GM_TO_HOST"),
+            Some("_INBOX_host_5.abc"),
+            Some("_INBOX_host_33.abc"),
+            Some("_INBOX_host_3"),
+            Some("_INBOX_host_3."),
+            Some("_INBOX."),
+            Some("_INBOX.>"),
+            Some("_INBOX.a.*"),
+            Some("_INBOXX.a"),
+        ] {
+            assert!(!reply_allowed(send, refused), "{refused:?}");
+        }
+    }
 }
