@@ -1,9 +1,9 @@
 //! The legacy GM and GS endpoints: every action of the original system, answered so a
 //! deployed client cannot tell the difference (README, "The legacy protocol").
 //!
-//! Order of checks: IP allowlist → action known → per-IP rate limit → required parameters
-//! present → ids canonical and `gm_name` valid → the action's own checks → `msg` valid →
-//! per-GM / per-player rate limit → effect.
+//! Order of checks: query at most 12 KiB (else 414) → IP allowlist → action known →
+//! per-IP rate limit → required parameters present → ids canonical and `gm_name`
+//! valid → the action's own checks → `msg` valid → per-GM / per-player rate limit → effect.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
