@@ -10,7 +10,7 @@
 //! (`CONSUMER.MSG.NEXT`), ack its messages, request `gm.relay.gs.N.>`, and read replies on
 //! its own inbox prefix `_INBOX_host_N` (clients set it with `custom_inbox_prefix`). It
 //! cannot subscribe to any `gm.to.host.*` subject, bind another host's consumer or send
-//! as another host.
+//! as another host. The console user only reads (see [`console_permissions`]).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -78,12 +78,25 @@ pub fn host_permissions(host: HostId) -> (Vec<String>, Vec<String>) {
     (publish, subscribe)
 }
 
-/// The console reads GM subjects and JetStream, and publishes nothing else.
-fn console_permissions() -> (Vec<String>, Vec<String>) {
-    (
-        vec!["$JS.API.>".to_owned(), format!("$JS.ACK.{}.>", names::STREAM_TO_GM)],
-        vec!["_INBOX_console.>".to_owned()],
-    )
+/// The console (ops tooling) reads: stream and consumer state, stored messages by sequence
+/// or subject (direct gets), and the chat subjects live. It may not create, change, pull
+/// from or ack any consumer, nor touch a stream: with `$JS.API.>` a leaked console key
+/// could purge every host's undelivered events or take the legacy GM feed's messages.
+pub fn console_permissions() -> (Vec<String>, Vec<String>) {
+    let publish = [
+        "$JS.API.INFO",
+        "$JS.API.STREAM.NAMES",
+        "$JS.API.STREAM.LIST",
+        "$JS.API.STREAM.INFO.*",
+        "$JS.API.STREAM.MSG.GET.*",
+        "$JS.API.DIRECT.GET.>",
+        "$JS.API.CONSUMER.NAMES.*",
+        "$JS.API.CONSUMER.LIST.*",
+        "$JS.API.CONSUMER.INFO.*.*",
+    ];
+    let subscribe =
+        ["_INBOX_console.>", names::SUBJECTS_TO_GM, names::SUBJECTS_TO_HOST, names::SUBJECTS_HISTORY];
+    (publish.map(str::to_owned).to_vec(), subscribe.map(str::to_owned).to_vec())
 }
 
 fn quoted(list: &[String]) -> String {
@@ -163,6 +176,14 @@ mod tests {
             parse_hosts("-9223372036854775808-9223372036854775807"),
             Err(AuthError::TooManyHosts)
         ));
+    }
+
+    #[test]
+    fn the_console_only_reads() {
+        let (publish, _) = console_permissions();
+        for verb in ["CREATE", "UPDATE", "DELETE", "PURGE", "MSG.NEXT", "RESET", "$JS.ACK", "$JS.API.>"] {
+            assert!(publish.iter().all(|s| !s.contains(verb)), "{verb} in {publish:?}");
+        }
     }
 
     #[test]

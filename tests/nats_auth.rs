@@ -108,3 +108,52 @@ async fn a_host_reads_and_sends_only_as_itself() {
     assert!(forged.is_err(), "a request as host 2 must not be answered: {forged:?}");
     assert!(app.gm_receive().await.is_empty(), "no forged message reached the GM");
 }
+
+#[tokio::test]
+async fn the_console_reads_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("auth.conf");
+    gm_relay::nats_auth::generate(&[HostId(1)], &conf, dir.path()).expect("auth config written");
+    let nats = NatsServer::start_with_config(&std::fs::read_to_string(&conf).unwrap());
+    let relay_seed = dir.path().join("relay.nk");
+    let app = TestApp::spawn_on(nats, &[("GM_RELAY_NATS_NKEY_FILE", relay_seed.to_str().unwrap())]).await;
+    app.create_gm(7, "Alice").await;
+    app.add(7, 1, 1001).await;
+    let url = app.nats.url();
+    let console = connect_as(&url, &seed(dir.path(), "console"), "_INBOX_console").await;
+    let mut js = async_nats::jetstream::new(console.clone());
+    // A refused request is never answered: don't wait the default 5 s for it.
+    js.set_timeout(Duration::from_secs(1));
+
+    // It reads: stream state, a stored message, and chat live.
+    let mut to_host = js.get_stream("GM_TO_HOST").await.expect("stream info");
+    let stored = to_host.info().await.expect("stream info").state.messages;
+    assert!(stored > 0, "the add's event is stored");
+    let first = to_host.info().await.unwrap().state.first_sequence;
+    assert!(to_host.get_raw_message(first).await.is_ok(), "a stored message by sequence");
+    let mut live = console.subscribe("gs.to.gm.*").await.expect("subscribe is sent");
+    console.flush().await.unwrap();
+    assert_eq!(app.gs_send(1001, "hello").await.res(), 1);
+    let seen = tokio::time::timeout(WAIT, live.next())
+        .await
+        .unwrap_or_else(|_| panic!("no live message; server log:\n{}", app.nats.log()))
+        .unwrap();
+    assert_eq!(seen.subject.as_str(), "gs.to.gm.7");
+
+    // It changes nothing: no purge, no consumer deleted or created, no pull from a feed.
+    assert!(to_host.purge().await.is_err(), "a purge must be refused");
+    assert!(to_host.delete_consumer("host_1").await.is_err(), "a consumer delete must be refused");
+    let created = to_host
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("spy".to_owned()),
+            ..Default::default()
+        })
+        .await;
+    assert!(created.is_err(), "a consumer create must be refused");
+    // Refused requests leave the relay's view as it was.
+    let js = async_nats::jetstream::new(connect_as(&url, &seed(dir.path(), "relay"), "_INBOX").await);
+    let state = js.get_stream("GM_TO_HOST").await.unwrap().info().await.unwrap().state.clone();
+    assert_eq!(state.messages, stored, "nothing purged");
+    assert!(support::app::consumer_names(&js, "GM_TO_HOST").await.contains("host_1"));
+    assert!(!support::app::consumer_names(&js, "GM_TO_HOST").await.contains("spy"));
+}
