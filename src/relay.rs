@@ -39,6 +39,12 @@ const POLL_FETCH_BUDGET: Duration = Duration::from_secs(4);
 /// Players per resync reply page: about 100 bytes each, far below NATS's payload limit.
 pub const RESYNC_PAGE: usize = 1000;
 
+/// Resync pages one host may ask for per second (bursts as large). A page is one Redis
+/// script that holds Redis for its 1,000 players, so a game server looping on resync
+/// would otherwise stall every host's polls and sends; 20 pages a second still reads a
+/// 100,000-player roster in 5 s.
+pub const RESYNC_PAGES_PER_HOST_PER_S: u32 = 20;
+
 /// How long a poll waits for the previous poll of the same feed (in this relay or another)
 /// to finish. Past it the poll answers empty: nothing was taken, so nothing is lost.
 const POLL_TURN_WAIT: Duration = Duration::from_secs(2);
@@ -77,6 +83,7 @@ pub struct Relay<S, B, R> {
     roles: R,
     gm_rate: RateLimiter<GmId>,
     player_rate: RateLimiter<Uid>,
+    resync_rate: RateLimiter<HostId>,
     /// Wakes the outbox drainer after a commit.
     pub(crate) outbox_kick: Notify,
     /// Newest outbox seq this relay knows to be published.
@@ -109,6 +116,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             roles,
             gm_rate: RateLimiter::new(limits.gm_per_s),
             player_rate: RateLimiter::new(limits.player_per_s),
+            resync_rate: RateLimiter::new(RESYNC_PAGES_PER_HOST_PER_S),
             outbox_kick: Notify::new(),
             outbox_published: watch::channel(0).0,
             poll_locks: Mutex::new(HashMap::new()),
@@ -224,6 +232,9 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
 
     /// One page of a host's players, for a game server that restarted without state.
     pub async fn resync(&self, host: HostId, cursor: u64) -> Result<(Vec<RosterEntry>, u64), RelayError> {
+        if !self.resync_rate.allow(&host) {
+            return Err(Errno::RateLimited.into());
+        }
         self.store.host_roster(host, cursor, RESYNC_PAGE).await
     }
 

@@ -211,6 +211,37 @@ async fn the_service_shows_in_discovery() {
     assert!(subjects.contains(&"gm.relay.gs.*.send") && subjects.contains(&"gm.relay.gs.*.resync"), "{info}");
 }
 
+/// A host that loops on resync gets errno 8 past its rate instead of holding Redis.
+#[tokio::test]
+async fn resync_is_rate_limited_per_host() {
+    const REQUESTS: usize = 100;
+    let app = TestApp::spawn().await;
+    app.create_gm(7, "Alice").await;
+    app.add(7, 4, 1001).await;
+    app.add(7, 5, 2001).await;
+    let client = async_nats::connect(app.nats.url()).await.unwrap();
+    support::wait_until_async(WAIT, "the native service answers", || async {
+        client.request("gm.relay.gs.5.resync", "{}".into()).await.is_ok()
+    })
+    .await;
+    let replies =
+        futures::future::join_all((0..REQUESTS).map(|_| client.request("gm.relay.gs.4.resync", "{}".into())))
+            .await;
+    let errnos: Vec<Value> = replies
+        .into_iter()
+        .map(|r| serde_json::from_slice::<Value>(&r.expect("answered").payload).unwrap()["errno"].clone())
+        .collect();
+    let limited = errnos.iter().filter(|e| **e == json!(8)).count();
+    let served = errnos.iter().filter(|e| e.is_null()).count();
+    assert_eq!(limited + served, REQUESTS, "{errnos:?}");
+    assert!(served >= 20 && limited > 0, "{served} served, {limited} limited");
+    // Another host has its own allowance.
+    let other: Value =
+        serde_json::from_slice(&client.request("gm.relay.gs.5.resync", "{}".into()).await.unwrap().payload)
+            .unwrap();
+    assert_eq!(other["ok"], true, "{other}");
+}
+
 /// The relay may publish anywhere, so it must not answer into a subject the requester
 /// chose outside its inboxes: that would let one game server write into another host's
 /// feed or call JetStream's API with the relay's rights.
@@ -266,6 +297,7 @@ async fn replies_go_only_to_the_requesters_inbox() {
 async fn a_stopping_relay_answers_the_requests_it_was_given() {
     // More than the relay handles at once (1,024), so that some wait in its subscription.
     const REQUESTS: usize = 1100;
+    const HOSTS: usize = 60;
     let mut app = TestApp::spawn().await;
     app.create_gm(7, "Alice").await;
     app.add(7, 4, 1001).await;
@@ -284,11 +316,10 @@ async fn a_stopping_relay_answers_the_requests_it_was_given() {
         .query_async(&mut app.redis_conn().await)
         .await
         .unwrap();
+    // Spread over hosts, under each host's resync rate, so that every one reaches Redis.
     for i in 0..REQUESTS {
-        client
-            .publish_with_reply("gm.relay.gs.4.resync", format!("_INBOX.stop-test.{i}"), "{}".into())
-            .await
-            .unwrap();
+        let subject = format!("gm.relay.gs.{}.resync", i % HOSTS);
+        client.publish_with_reply(subject, format!("_INBOX.stop-test.{i}"), "{}".into()).await.unwrap();
     }
     // Sent after them on the same connection, the relay's answer to a ping shows that it
     // has read them all: they are taken or waiting in its subscription.

@@ -46,7 +46,12 @@ struct ResyncRequest {
 }
 
 fn error_reply(errno: Errno) -> serde_json::Value {
-    json!({"ok": false, "errno": errno.code(), "error": errno.reason()})
+    let reason = match errno {
+        // The legacy reason speaks of base64 `msg`; native text is plain JSON.
+        Errno::BadMsg => "text must be 1 to 500 characters",
+        errno => errno.reason(),
+    };
+    json!({"ok": false, "errno": errno.code(), "error": reason})
 }
 
 fn relay_error_reply(e: &RelayError, what: &str) -> serde_json::Value {
