@@ -17,6 +17,10 @@ use serde_json::{json, Value};
 /// Bound on each request to the relay.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Wait before asking again for a resync page the relay refused as over the host's rate
+/// (20 pages a second).
+const RESYNC_PAUSE: Duration = Duration::from_millis(100);
+
 /// One game server's connection to gm-relay.
 pub struct GameServer {
     host: i64,
@@ -63,10 +67,16 @@ impl GameServer {
     pub async fn resync(&self) -> Result<Vec<Value>, async_nats::Error> {
         let mut players = Vec::new();
         let mut cursor = 0;
-        // Bounded: a host has far fewer than 1,000 pages of 1,000 players.
-        for _ in 0..1000 {
+        // Bounded: a host has far fewer than 1,000 pages of 1,000 players (plus the pauses
+        // the relay's rate of 20 pages a second asks for).
+        for _ in 0..2000 {
             let reply =
                 self.request("resync", async_nats::HeaderMap::new(), json!({"cursor": cursor})).await?;
+            if reply["errno"] == 8 {
+                // Over the host's resync rate: ask for the same page a little later.
+                tokio::time::sleep(RESYNC_PAUSE).await;
+                continue;
+            }
             if reply["ok"] != true {
                 return Err(format!("resync refused: {reply}").into());
             }
