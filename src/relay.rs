@@ -190,8 +190,8 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         }
         self.bus.ensure_host_consumer(host).await?;
         let event = Envelope::chat(new_event_id(), host, uid, gm, text.as_str(), now_ms());
-        let seq = self.bus.publish_chat(Route::ToHost(host), &event).await?;
-        Ok(Sent { id: event.id, host, seq })
+        let stored = self.bus.publish_chat(Route::ToHost(host), &event).await?;
+        Ok(Sent { id: event.id, host, seq: stored.seq })
     }
 
     /// Player to GM, from a legacy game server. Answers once the broker stored the message.
@@ -207,14 +207,15 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
     }
 
     /// Player to GM, from a native game server. `key` (the request's `Nats-Msg-Id`) makes
-    /// a retried request publish the same event id, which the stream de-duplicates.
+    /// a retried request publish the same event id, which the stream de-duplicates. Returns
+    /// the event id and whether the stream already had it (a retry, or a reused key).
     pub async fn native_send(
         &self,
         host: HostId,
         uid: Uid,
         text: String,
         key: Option<&str>,
-    ) -> Result<String, RelayError> {
+    ) -> Result<(String, bool), RelayError> {
         let link = self.store.player_link(uid).await?;
         if link.host != host {
             return Err(Errno::WrongHost.into());
@@ -226,8 +227,8 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         // Keys are the host's own: prefix them so two hosts' keys never collide.
         let id = key.map(|k| format!("h{host}-{k}")).unwrap_or_else(new_event_id);
         let event = Envelope::chat(id, host, uid, link.gm, text.as_str(), now_ms());
-        self.bus.publish_chat(Route::ToGm(link.gm), &event).await?;
-        Ok(event.id)
+        let stored = self.bus.publish_chat(Route::ToGm(link.gm), &event).await?;
+        Ok((event.id, stored.duplicate))
     }
 
     /// One page of a host's players, for a game server that restarted without state.

@@ -142,6 +142,7 @@ async fn native_send_checks_and_idempotency() {
     let retry = native.send(1001, "once", "same-key").await.unwrap();
     assert_eq!(first["ok"], true);
     assert_eq!(first["id"], retry["id"], "a retry names the same event");
+    assert_eq!((first.get("duplicate"), &retry["duplicate"]), (None, &json!(true)), "{first} {retry}");
     let inbox = app.gm_receive().await;
     assert_eq!(inbox["7"], vec![("1001".to_owned(), vec!["once".to_owned()])], "stored once");
 }

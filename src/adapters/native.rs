@@ -175,7 +175,10 @@ async fn answer(relay: &AppRelay, verb: &str, message: &async_nats::Message) -> 
                 return error_reply(Errno::BadParam);
             }
             match relay.native_send(host, uid, req.text, key.map(|k| k.as_str())).await {
-                Ok(id) => json!({"ok": true, "id": id}),
+                // A duplicate was stored before (a retry, or the key used again within
+                // the de-duplication window): said so, as this text was not stored now.
+                Ok((id, true)) => json!({"ok": true, "id": id, "duplicate": true}),
+                Ok((id, false)) => json!({"ok": true, "id": id}),
                 Err(e) => relay_error_reply(&e, "send"),
             }
         }

@@ -36,7 +36,7 @@ use futures::StreamExt;
 
 use crate::domain::event::ENVELOPE_VERSION;
 use crate::domain::order;
-use crate::domain::ports::{Delivery, EventBus, Feed, Route, Settle};
+use crate::domain::ports::{Delivery, EventBus, Feed, Route, Settle, Stored};
 use crate::domain::{Backend, Envelope, HostId, RelayError};
 use crate::metrics::Metrics;
 
@@ -583,7 +583,7 @@ impl JetStreamBus {
     /// Publishes and awaits the PubAck. A lost publish or ack (a stream leader change, a
     /// dropped packet) is retried with the same Nats-Msg-Id, so the stream stores the
     /// message once however many attempts reach it.
-    async fn publish_payload(&self, route: Route, id: &str, payload: Bytes) -> Result<u64, RelayError> {
+    async fn publish_payload(&self, route: Route, id: &str, payload: Bytes) -> Result<Stored, RelayError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
         let acked = loop {
@@ -622,7 +622,7 @@ impl JetStreamBus {
             .publish_seconds
             .with_label_values(&[Self::route_label(route)])
             .observe(started.elapsed().as_secs_f64());
-        Ok(acked.sequence)
+        Ok(Stored { seq: acked.sequence, duplicate: acked.duplicate })
     }
 }
 
@@ -634,12 +634,13 @@ impl EventBus for JetStreamBus {
     type Handle = jetstream::Message;
 
     async fn publish(&self, route: Route, event: &Envelope) -> Result<u64, RelayError> {
-        self.publish_payload(route, &event.id, encode(event)?).await
+        Ok(self.publish_payload(route, &event.id, encode(event)?).await?.seq)
     }
 
-    async fn publish_chat(&self, route: Route, event: &Envelope) -> Result<u64, RelayError> {
+    async fn publish_chat(&self, route: Route, event: &Envelope) -> Result<Stored, RelayError> {
         let payload = encode(event)?;
-        let seq = self.publish_payload(route, &event.id, payload.clone()).await?;
+        let stored = self.publish_payload(route, &event.id, payload.clone()).await?;
+        let seq = stored.seq;
         // Delivered: from here on the send has happened, whatever becomes of its copy.
         if let Some(uid) = event.uid {
             self.history
@@ -651,7 +652,7 @@ impl EventBus for JetStreamBus {
                 })
                 .await;
         }
-        Ok(seq)
+        Ok(stored)
     }
 
     async fn publish_ordered(&self, events: &[(Route, Envelope)]) -> (usize, Option<RelayError>) {

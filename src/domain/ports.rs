@@ -10,6 +10,16 @@ use super::event::Envelope;
 use super::ids::{GmId, HostId, Uid};
 use super::text::GmName;
 
+/// A chat message the broker has stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Its sequence in its stream.
+    pub seq: u64,
+    /// The broker already had a message with this event id (a retry within the
+    /// de-duplication window): nothing new was stored.
+    pub duplicate: bool,
+}
+
 /// Where an event goes; the bus turns it into a subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Route {
@@ -75,7 +85,7 @@ pub trait EventBus: Send + Sync + 'static {
         &self,
         route: Route,
         event: &Envelope,
-    ) -> impl Future<Output = Result<u64, RelayError>> + Send;
+    ) -> impl Future<Output = Result<Stored, RelayError>> + Send;
 
     /// Publishes several events given in commit order and waits for their acknowledgements,
     /// never sending an event before the earlier ones it must stay behind were acknowledged
