@@ -9,7 +9,7 @@ use crate::common::*;
 use crate::support::app::{
     b64, enc, stored_events, wait_poll_leases_released, wait_stored_for_host, Reply, TestApp,
 };
-use crate::support::{send_signal, wait_until_async};
+use crate::support::{send_signal, wait_until, wait_until_async};
 
 const HOST: i64 = 3;
 
@@ -313,8 +313,21 @@ struct Frozen(u32);
 impl Frozen {
     fn new(pid: u32) -> Frozen {
         send_signal(pid, libc::SIGSTOP);
+        // kill(2) returns before a thread running on another core has stopped: wait until
+        // every thread of the server shows the stopped state.
+        wait_until(DEADLINE, "nats-server is stopped", || all_threads_stopped(pid));
         Frozen(pid)
     }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T` in `/proc/<pid>/task/*/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.filter_map(Result::ok).all(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            // The state follows the command name, which is in parentheses.
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')))
+    })
 }
 
 impl Drop for Frozen {
