@@ -79,6 +79,14 @@ ensure_rust() {
     _log "cargo: $(cargo --version)"
 }
 
+# Seconds to wait for a relay to stop after SIGTERM: its own shutdown bound
+# (GM_RELAY_SHUTDOWN_TIMEOUT_S, default 10) and 5 s to spare.
+relay_stop_wait_s() {
+    local shutdown_s="${GM_RELAY_SHUTDOWN_TIMEOUT_S:-10}"
+    case "$shutdown_s" in '' | *[!0-9]*) shutdown_s=10 ;; esac
+    echo $((shutdown_s + 5))
+}
+
 # curl, for the start-up health checks of deploy/dev and deploy/cluster.
 ensure_curl() {
     command -v curl >/dev/null 2>&1 || _apt_install curl ca-certificates || return 1

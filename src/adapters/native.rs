@@ -102,8 +102,9 @@ pub async fn serve(
         // The reply goes where the requester says; the relay may publish anywhere, so a
         // reply subject outside an inbox would let a game server make the relay publish
         // into another host's feed, a GM's subjects or JetStream's API.
+        let host = names::service_host(&request.message.subject);
         let reply_to = request.message.reply.as_ref().map(|r| r.as_str());
-        if !reply_allowed(&request.message.subject, reply_to) {
+        if !reply_allowed(host, reply_to) {
             tracing::warn!(subject = %request.message.subject, reply = ?reply_to, verb, "native request refused: its reply subject is not an inbox");
             metrics.requests.with_label_values(&["native", verb, "refused"]).inc();
             continue;
@@ -112,7 +113,7 @@ pub async fn serve(
         let relay = Arc::clone(&relay);
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
-            let reply = answer(&relay, verb, &request.message).await;
+            let reply = answer(&relay, verb, host, &request.message).await;
             let result = match reply.get("errno").and_then(|e| e.as_i64()) {
                 Some(n) => format!("errno_{n}"),
                 None => "ok".to_owned(),
@@ -136,11 +137,12 @@ pub async fn serve(
     Ok(())
 }
 
-/// Whether a request's reply subject is an inbox the requesting host may read: the
+/// Whether a request's reply subject is an inbox the requesting host (of the request's
+/// subject) may read: the
 /// client default or the host's own prefix (a request on `gm.relay.gs.3.send` may not be
 /// answered into host 5's inbox). A request without one is not acted on either: nobody
 /// waits for it, and its sender could not learn what became of it.
-fn reply_allowed(subject: &str, reply: Option<&str>) -> bool {
+fn reply_allowed(host: Option<HostId>, reply: Option<&str>) -> bool {
     let Some(reply) = reply else { return false };
     if reply.contains(['*', '>', ' ', '\t']) {
         return false;
@@ -152,11 +154,17 @@ fn reply_allowed(subject: &str, reply: Option<&str>) -> bool {
             .is_some_and(|(id, rest)| id == host.to_string() && !rest.is_empty())
     };
     reply.strip_prefix(DEFAULT_INBOX_PREFIX).is_some_and(|rest| !rest.is_empty())
-        || names::service_host(subject).is_some_and(own_inbox)
+        || host.is_some_and(own_inbox)
 }
 
-async fn answer(relay: &AppRelay, verb: &str, message: &async_nats::Message) -> serde_json::Value {
-    let Some(host) = names::service_host(&message.subject) else {
+/// `host` is the request subject's (`None` when it names none).
+async fn answer(
+    relay: &AppRelay,
+    verb: &str,
+    host: Option<HostId>,
+    message: &async_nats::Message,
+) -> serde_json::Value {
+    let Some(host) = host else {
         return error_reply(Errno::BadParam);
     };
     if message.payload.len() > MAX_REQUEST_BYTES {
@@ -216,10 +224,10 @@ mod tests {
 
     #[test]
     fn replies_go_only_to_the_requesting_hosts_inboxes() {
-        let send = "gm.relay.gs.3.send";
+        let send = names::service_host("gm.relay.gs.3.send");
         assert!(reply_allowed(send, Some("_INBOX.abc.1")));
         assert!(reply_allowed(send, Some("_INBOX_host_3.abc.1")));
-        assert!(reply_allowed("gm.relay.gs.-3.resync", Some("_INBOX_host_-3.x")));
+        assert!(reply_allowed(names::service_host("gm.relay.gs.-3.resync"), Some("_INBOX_host_-3.x")));
         for refused in [
             None,
             Some("gm.to.host.5"),
