@@ -137,10 +137,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// Whether a request's reply subject is an inbox the requesting host (of the request's
-/// subject) may read: the
-/// client default or the host's own prefix (a request on `gm.relay.gs.3.send` may not be
-/// answered into host 5's inbox). A request without one is not acted on either: nobody
+/// Whether a request's reply subject is an inbox that `host` (the one its subject names)
+/// may read: the client default or the host's own prefix (a request on
+/// `gm.relay.gs.3.send` may not be answered into host 5's inbox). A request without one is not acted on either: nobody
 /// waits for it, and its sender could not learn what became of it.
 fn reply_allowed(host: Option<HostId>, reply: Option<&str>) -> bool {
     let Some(reply) = reply else { return false };
