@@ -56,6 +56,8 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 
 pub struct Application {
     listener: TcpListener,
+    /// The native interface's own connection (see `adapters::native::REQUEST_BUFFER`).
+    native_client: async_nats::Client,
     state: AppState,
     config: Config,
 }
@@ -65,6 +67,10 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let client =
             crate::adapters::nats::connect(&config.nats_url, config.nats_nkey_seed.as_deref(), "gm-relay")
+                .await
+                .map_err(|source| StartError::Nats { url: config.nats_url.clone(), source })?;
+        let native_client =
+            crate::adapters::native::connect(&config.nats_url, config.nats_nkey_seed.as_deref())
                 .await
                 .map_err(|source| StartError::Nats { url: config.nats_url.clone(), source })?;
         let bus =
@@ -100,7 +106,12 @@ impl Application {
             .session_key
             .clone()
             .map(|key| crate::console::Console::start(Arc::clone(&relay), Arc::clone(&access), key));
-        Ok(Self { listener, state: AppState { relay, access, metrics, ip_rate, console }, config })
+        Ok(Self {
+            listener,
+            native_client,
+            state: AppState { relay, access, metrics, ip_rate, console },
+            config,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -120,14 +131,15 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let Application { listener, state, config } = self;
+        let Application { listener, native_client, state, config } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let relay = Arc::clone(&state.relay);
         let outbox = tokio::spawn(Arc::clone(&relay).run_outbox(stop_rx.clone()));
         let native = tokio::spawn({
-            let (relay, metrics, stop) = (Arc::clone(&relay), Arc::clone(&state.metrics), stop_rx.clone());
+            let (client, relay, metrics, stop) =
+                (native_client.clone(), Arc::clone(&relay), Arc::clone(&state.metrics), stop_rx.clone());
             async move {
-                if let Err(e) = crate::adapters::native::serve(relay, metrics, stop).await {
+                if let Err(e) = crate::adapters::native::serve(client, relay, metrics, stop).await {
                     tracing::error!(error = %e, "native NATS interface stopped");
                 }
             }
@@ -184,7 +196,11 @@ impl Application {
         if let Some(task) = gs_list {
             task.abort();
         }
-        let _ = tokio::time::timeout_at(deadline, relay.bus().client().flush()).await;
+        let _ = tokio::time::timeout_at(deadline, async {
+            // The last native replies and the last publishes are written before the exit.
+            let _ = tokio::join!(native_client.flush(), relay.bus().client().flush());
+        })
+        .await;
         tracing::info!("stopped");
         server_result
     }

@@ -128,6 +128,15 @@ async fn native_send_checks_and_idempotency() {
     );
     assert_eq!(errno(native.send(1001, "", "c").await.unwrap()), (json!(false), json!(6)), "empty text");
     assert_eq!(errno(native.send(1001, &"x".repeat(501), "d").await.unwrap()), (json!(false), json!(6)));
+    // A body over 8 KiB is not parsed: a send that large can only hold too long a text, a
+    // resync that large is malformed.
+    let client = async_nats::connect(app.nats.url()).await.unwrap();
+    let huge = json!({"uid": "1001", "text": "x".repeat(9000), "cursor": 0}).to_string();
+    for (verb, expected) in [("send", 6), ("resync", -1)] {
+        let reply = client.request(format!("gm.relay.gs.4.{verb}"), huge.clone().into()).await.unwrap();
+        let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert_eq!(errno(reply), (json!(false), json!(expected)), "{verb} over 8 KiB");
+    }
 
     // A key the relay cannot use is refused, not dropped (a retry would be stored twice).
     for bad in ["order 42", &"k".repeat(65), ""] {
@@ -210,6 +219,36 @@ async fn the_service_shows_in_discovery() {
     let subjects: Vec<&str> =
         info["endpoints"].as_array().unwrap().iter().map(|e| e["subject"].as_str().unwrap()).collect();
     assert!(subjects.contains(&"gm.relay.gs.*.send") && subjects.contains(&"gm.relay.gs.*.resync"), "{info}");
+}
+
+/// The service reads requests on a connection of its own whose subscription buffers are
+/// bounded: a burst it has not read yet is held up to `REQUEST_BUFFER` requests and the rest
+/// dropped in the client (their senders time out and retry), not kept in memory; the
+/// subscription goes on working after.
+#[tokio::test]
+async fn the_service_connection_holds_a_bounded_number_of_unread_requests() {
+    use gm_relay::adapters::native::{connect, REQUEST_BUFFER};
+    let nats = support::NatsServer::start();
+    let service = connect(&nats.url(), None).await.expect("connects");
+    let mut requests = service.subscribe("gm.relay.gs.*.send").await.unwrap();
+    service.flush().await.unwrap();
+    let sender = async_nats::connect(nats.url()).await.unwrap();
+    let burst = 2 * REQUEST_BUFFER + 100;
+    for i in 0..burst {
+        sender.publish("gm.relay.gs.1.send", i.to_string().into()).await.unwrap();
+    }
+    sender.flush().await.unwrap();
+    // The server answers this PING after writing the burst to the same connection, so
+    // the client has read all of it when the flush returns.
+    service.flush().await.unwrap();
+    let mut held = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), requests.next()).await {
+        held += 1;
+    }
+    assert_eq!(held, REQUEST_BUFFER, "{burst} sent without reading");
+    sender.publish("gm.relay.gs.1.send", "after".into()).await.unwrap();
+    let next = tokio::time::timeout(WAIT, requests.next()).await.expect("a request after the burst arrives");
+    assert_eq!(next.expect("subscription open").payload, "after");
 }
 
 /// A host that loops on resync gets errno 8 past its rate instead of holding Redis.

@@ -21,9 +21,23 @@ use crate::domain::{Errno, HostId, RelayError, Uid};
 use crate::metrics::Metrics;
 
 /// Requests handled at once; past it the service stops taking requests from its
-/// subscriptions, whose buffers in the client (async-nats's default, 65,536 messages each)
-/// hold the rest until NATS drops them for a slow consumer and the game servers retry.
+/// subscriptions, whose client-side buffers ([`REQUEST_BUFFER`]) hold the next ones.
 const MAX_IN_FLIGHT: usize = 1024;
+
+/// Requests each endpoint's subscription holds unread in the client before the client
+/// drops the next ones (their senders time out and retry, under the same idempotency key).
+/// async-nats's default, 65,536 per subscription, would let a burst hold 131,072 requests
+/// of up to NATS's `max_payload` (1 MB) in memory; with this, a relay holds at most
+/// 3,072 requests (these two buffers and those in flight): 24 MB of valid ones
+/// (`MAX_REQUEST_BYTES`), 3 GB if every publisher sent `max_payload`-sized junk. As large
+/// as `MAX_IN_FLIGHT`, so a burst of that many (hosts retrying after an outage) is held,
+/// not dropped. The buffer size is per connection in async-nats, which is why the service
+/// has a connection of its own ([`connect`]): the relay's other connection also carries
+/// the replies of every JetStream call, which must not be dropped.
+pub const REQUEST_BUFFER: usize = 1024;
+
+/// Name of the service's connection in the server's connection list (`/connz`).
+pub const CONNECTION_NAME: &str = "gm-relay-native";
 
 /// Inbox prefixes a request's reply subject may have: a host's own (with per-host
 /// credentials, `gm-relay nats-auth`, the only inbox it can read) or the client default.
@@ -64,13 +78,23 @@ fn relay_error_reply(e: &RelayError, what: &str) -> serde_json::Value {
     }
 }
 
-/// Serves native requests until `stop` flips, then waits for those in flight.
+/// Opens the service's own connection to NATS (`urls` and credentials as the relay's).
+pub async fn connect(
+    urls: &str,
+    nkey_seed: Option<&str>,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let options = super::nats::options(nkey_seed, CONNECTION_NAME).subscription_capacity(REQUEST_BUFFER);
+    super::nats::connect_with(options, urls).await
+}
+
+/// Serves native requests on `client` (from [`connect`]) until `stop` flips, then waits
+/// for those in flight.
 pub async fn serve(
+    client: async_nats::Client,
     relay: Arc<AppRelay>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), async_nats::Error> {
-    let client = relay.bus().client().clone();
     let service = client
         .service_builder()
         .description("gm-relay: native game-server interface")
@@ -166,10 +190,11 @@ async fn answer(
     let Some(host) = host else {
         return error_reply(Errno::BadParam);
     };
-    if message.payload.len() > MAX_REQUEST_BYTES {
-        return error_reply(Errno::BadMsg);
-    }
+    let oversize = message.payload.len() > MAX_REQUEST_BYTES;
     match verb {
+        // A send's text is the only part that can grow: its limit is what was passed.
+        "send" if oversize => error_reply(Errno::BadMsg),
+        _ if oversize => error_reply(Errno::BadParam),
         "send" => {
             let Ok(req) = serde_json::from_slice::<SendRequest>(&message.payload) else {
                 return error_reply(Errno::BadParam);

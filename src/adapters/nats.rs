@@ -224,17 +224,62 @@ pub async fn connect(
     nkey_seed: Option<&str>,
     client_name: &str,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
+    connect_with(options(nkey_seed, client_name), urls).await
+}
+
+/// The relay's connection options: credentials, name, start-up bound and event logging.
+pub fn options(nkey_seed: Option<&str>, client_name: &str) -> async_nats::ConnectOptions {
     let options = match nkey_seed {
         Some(seed) => async_nats::ConnectOptions::with_nkey(seed.to_owned()),
         None => async_nats::ConnectOptions::new(),
     };
+    let slow = Arc::new(SlowConsumerLog::default());
+    options.name(client_name).connection_timeout(CONNECT_TIMEOUT).event_callback(move |event| {
+        let slow = Arc::clone(&slow);
+        async move {
+            match event {
+                async_nats::Event::SlowConsumer(sid) => slow.record(sid),
+                event => tracing::info!(%event, "nats connection event"),
+            }
+        }
+    })
+}
+
+/// Connects with `options` to `urls` (see [`connect`]).
+pub async fn connect_with(
+    options: async_nats::ConnectOptions,
+    urls: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
     let servers: Vec<&str> = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
-    options
-        .name(client_name)
-        .connection_timeout(CONNECT_TIMEOUT)
-        .event_callback(|event| async move { tracing::info!(%event, "nats connection event") })
-        .connect(servers)
-        .await
+    options.connect(servers).await
+}
+
+/// Least time between two log lines about messages dropped for a full subscription buffer:
+/// the client reports every dropped message, and a flood must not become a flood of logs.
+const SLOW_CONSUMER_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Counts the client's slow-consumer reports (a message dropped because its subscription's
+/// buffer was full) and logs them at most once per [`SLOW_CONSUMER_LOG_EVERY`].
+#[derive(Default)]
+struct SlowConsumerLog {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl SlowConsumerLog {
+    fn record(&self, sid: u64) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, dropped) = &mut *state;
+        *dropped += 1;
+        if last.is_none_or(|at| at.elapsed() >= SLOW_CONSUMER_LOG_EVERY) {
+            tracing::warn!(
+                subscription = sid,
+                dropped = *dropped,
+                "nats subscription buffer full: messages dropped"
+            );
+            *last = Some(Instant::now());
+            *dropped = 0;
+        }
+    }
 }
 
 /// Why the streams could not be set up.

@@ -503,7 +503,11 @@ pub async fn counters(
         }
         if let Ok(connz) = monitor_get(addr, "/connz?limit=4096").await {
             for conn in connz["connections"].as_array().into_iter().flatten() {
-                if conn["name"].as_str() == Some("gm-relay") {
+                // The relay's two connections: the main one and the native service's.
+                if matches!(
+                    conn["name"].as_str(),
+                    Some("gm-relay" | gm_relay::adapters::native::CONNECTION_NAME)
+                ) {
                     c.relay_nats_msgs +=
                         conn["in_msgs"].as_f64().unwrap_or(0.0) + conn["out_msgs"].as_f64().unwrap_or(0.0);
                 }
