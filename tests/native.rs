@@ -231,16 +231,19 @@ async fn the_service_connection_holds_a_bounded_number_of_unread_requests() {
     let nats = support::NatsServer::start();
     let service = connect(&nats.url(), None).await.expect("connects");
     let mut requests = service.subscribe("gm.relay.gs.*.send").await.unwrap();
-    service.flush().await.unwrap();
+    let mut marker = service.subscribe("test.marker").await.unwrap();
     let sender = async_nats::connect(nats.url()).await.unwrap();
+    // Both subscriptions are in place on the server once the service's own request
+    // round trip is answered.
+    service.request("$JS.API.INFO", "".into()).await.unwrap();
     let burst = 2 * REQUEST_BUFFER + 100;
     for i in 0..burst {
         sender.publish("gm.relay.gs.1.send", i.to_string().into()).await.unwrap();
     }
-    sender.flush().await.unwrap();
-    // The server answers this PING after writing the burst to the same connection, so
-    // the client has read all of it when the flush returns.
-    service.flush().await.unwrap();
+    // The server delivers one sender's messages in order, so once the marker (in a
+    // subscription of its own, empty) is read, the client has read the whole burst.
+    sender.publish("test.marker", "".into()).await.unwrap();
+    tokio::time::timeout(WAIT, marker.next()).await.expect("the marker arrives");
     let mut held = 0;
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), requests.next()).await {
         held += 1;
@@ -335,8 +338,10 @@ async fn replies_go_only_to_the_requesters_inbox() {
 /// gets an answer or, once no relay listens, "no responders" at once, never silence.
 #[tokio::test]
 async fn a_stopping_relay_answers_the_requests_it_was_given() {
-    // More than the relay handles at once (1,024), so that some wait in its subscription.
+    // More than the relay handles at once (1,024), so that some wait in its subscription,
+    // and no more than that holds, so that none is dropped when all arrive in one read.
     const REQUESTS: usize = 1100;
+    const { assert!(REQUESTS <= gm_relay::adapters::native::REQUEST_BUFFER) };
     const HOSTS: usize = 60;
     let mut app = TestApp::spawn().await;
     app.create_gm(7, "Alice").await;

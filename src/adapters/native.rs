@@ -27,14 +27,16 @@ const MAX_IN_FLIGHT: usize = 1024;
 /// Requests each endpoint's subscription holds unread in the client before the client
 /// drops the next ones (their senders time out and retry, under the same idempotency key).
 /// async-nats's default, 65,536 per subscription, would let a burst hold 131,072 requests
-/// of up to NATS's `max_payload` (1 MB) in memory; with this, a relay holds at most
-/// 3,072 requests (these two buffers and those in flight): 24 MB of valid ones
-/// (`MAX_REQUEST_BYTES`), 3 GB if every publisher sent `max_payload`-sized junk. As large
-/// as `MAX_IN_FLIGHT`, so a burst of that many (hosts retrying after an outage) is held,
-/// not dropped. The buffer size is per connection in async-nats, which is why the service
-/// has a connection of its own ([`connect`]): the relay's other connection also carries
-/// the replies of every JetStream call, which must not be dropped.
-pub const REQUEST_BUFFER: usize = 1024;
+/// of up to NATS's `max_payload` (1 MB) in memory; with this, a relay holds at most 5,120
+/// (these two buffers and those in flight): 40 MB of valid ones (`MAX_REQUEST_BYTES`),
+/// 5 GB if every publisher sent `max_payload`-sized junk. Twice `MAX_IN_FLIGHT`: the
+/// client's reader can put a whole burst into the buffer before the service takes any
+/// (one socket read carries hundreds of requests), so a burst of up to this many — hosts
+/// retrying after an outage — is held, not dropped. The size is per connection in
+/// async-nats, which is why the service has a connection of its own ([`connect`]): the
+/// relay's other connection also carries the replies of every JetStream call, which must
+/// not be dropped.
+pub const REQUEST_BUFFER: usize = 2 * MAX_IN_FLIGHT;
 
 /// Name of the service's connection in the server's connection list (`/connz`).
 pub const CONNECTION_NAME: &str = "gm-relay-native";
