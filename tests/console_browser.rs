@@ -84,14 +84,14 @@ impl Driver {
         let log = profile.path().join("chromedriver.log");
         for _ in 0..DRIVER_PORT_ATTEMPTS {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut child = Command::new(&driver)
-                .arg(format!("--port={port}"))
+            let mut cmd = Command::new(&driver);
+            cmd.arg(format!("--port={port}"))
                 .arg(format!("--log-path={}", log.display()))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", driver.display()));
+                .stderr(Stdio::null());
+            let mut child =
+                support::spawn_child(cmd).unwrap_or_else(|e| panic!("cannot run {}: {e}", driver.display()));
             let started = Instant::now();
             loop {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {

@@ -94,6 +94,59 @@ fn drop_kills_the_servers() {
     }
 }
 
+/// Set for a copy of this test binary that starts servers and exits without dropping them.
+const EXIT_WITH_SERVERS: &str = "GM_RELAY_TEST_EXIT_WITH_SERVERS";
+
+/// Whether `pid` runs (a zombie waiting for its reaper has ended).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+/// Kills what is left should the test fail, so a failure leaves no servers behind.
+struct KillIfRunning(Vec<u32>);
+
+impl Drop for KillIfRunning {
+    fn drop(&mut self) {
+        for &pid in self.0.iter().filter(|&&pid| running(pid)) {
+            if let Ok(pid) = libc::pid_t::try_from(pid) {
+                // SAFETY: kill(2) takes plain integers and touches no memory of ours. Its
+                // result is not checked: the process may have ended since `running`.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+#[test]
+fn the_servers_die_with_the_test_process() {
+    if std::env::var_os(EXIT_WITH_SERVERS).is_some() {
+        let nats = NatsServer::start();
+        let redis = RedisServer::start();
+        println!("pids {} {}", nats.pid().expect("nats pid"), redis.pid().expect("redis pid"));
+        // Exits without running the handles' drops, as a killed test process would.
+        std::process::exit(0);
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary path"))
+        .args(["--exact", "the_servers_die_with_the_test_process", "--nocapture"])
+        .env(EXIT_WITH_SERVERS, "1")
+        .output()
+        .expect("the test binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let pids: Vec<u32> = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("pids "))
+        .unwrap_or_else(|| panic!("no pids printed: {stdout}"))
+        .split(' ')
+        .map(|pid| pid.parse().expect("a pid"))
+        .collect();
+    assert_eq!(pids.len(), 2);
+    let _cleanup = KillIfRunning(pids.clone());
+    wait_until(DEADLINE, "the servers of an exited test process end", || {
+        !pids.iter().any(|&pid| running(pid))
+    });
+}
+
 #[test]
 fn wait_until_returns_once_the_condition_holds() {
     let mut polls = 0;

@@ -70,16 +70,15 @@ impl App {
             return None;
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("python2")
-            .arg(root.join("conformance/original_app.py"))
+        let mut cmd = Command::new("python2");
+        cmd.arg(root.join("conformance/original_app.py"))
             .arg(port.to_string())
             .env("PYENV_VERSION", "2.7.18")
             .env("PYTHONPATH", &py2_redis)
             .env("GM_ORIG_REDIS_URL", format!("{redis_url}/0"))
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python2 runs");
+            .stderr(Stdio::inherit());
+        let child = support::spawn_child(cmd).expect("python2 runs");
         let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
         let app = App { base: format!("http://127.0.0.1:{port}"), http, child };
         wait_until_async(ORIGINAL_START_DEADLINE, "the original app answers", || {

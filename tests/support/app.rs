@@ -186,7 +186,8 @@ impl TestApp {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        let child = cmd.stdout(Stdio::null()).stderr(stderr).spawn().expect("gm-relay binary starts");
+        cmd.stdout(Stdio::null()).stderr(stderr);
+        let child = super::spawn_child(cmd).expect("gm-relay binary starts");
         self.process = Some((child, addr));
         let http = self.http.clone();
         wait_until_async(

@@ -128,8 +128,8 @@ impl NatsCluster {
         let (log_path, log_file) = next_log(&dir, &node.name, &mut node.runs);
         node.log = log_path;
         let http = if node.http_port == 0 { "-1".to_owned() } else { node.http_port.to_string() };
-        let child = Command::new(&binary)
-            .arg("-c")
+        let mut cmd = Command::new(&binary);
+        cmd.arg("-c")
             .arg(&node.config)
             .args(["-a", "127.0.0.1", "-p", &port.map_or("-1".to_owned(), |p| p.to_string())])
             .args(["-m", &http])
@@ -138,11 +138,10 @@ impl NatsCluster {
             .env("GM_RELAY_NATS_STORE", &node.store)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("clone log file handle"))
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {}: {e}; run ./deploy/test, which installs it", binary.display())
-            });
+            .stderr(log_file);
+        let child = super::spawn_child(cmd).unwrap_or_else(|e| {
+            panic!("cannot run {}: {e}; run ./deploy/test, which installs it", binary.display())
+        });
         *lock(&node.child) = Some(child);
         let what = format!("node {} did not listen", node.name);
         let (client, http) =

@@ -1,5 +1,5 @@
 //! Real servers for integration tests: a `nats-server` with JetStream and a `redis-server`,
-//! each on a free loopback port with its own temporary directory, killed when dropped.
+//! each on a free loopback port with its own temporary directory, killed when dropped and when the test process dies ([`spawn_child`]).
 //!
 //! Why real servers: the relay's promises (nothing acknowledged before PubAck, outbox
 //! drained after a crash, consumers surviving a restart) are about what the servers do, so
@@ -26,7 +26,7 @@ use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{mpsc, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,54 @@ const NATS_LISTENING: &str = "Listening for client connections on ";
 /// less than 40 GiB free would refuse the relay's streams. The shipped configs pin the
 /// same figure; reservations are bookkeeping, the tests write megabytes.
 const TEST_JETSTREAM_LIMITS: &str = "jetstream {\n    max_file_store: 40GB\n}\n";
+
+// ---------------------------------------------------------------------------------------
+// Children
+
+/// Starts `cmd` so that the child is killed when this test process ends, however it ends
+/// (an abort, a timeout's SIGKILL), not only when its handle is dropped: Linux's
+/// parent-death signal. That signal fires when the *thread* that forked the child exits,
+/// and a test's thread can end while its servers live on (a server shared with other
+/// tests), so every child is forked by one thread that lives as long as the process.
+pub fn spawn_child(cmd: Command) -> io::Result<Child> {
+    type Job = (Command, mpsc::Sender<io::Result<Child>>);
+    static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        thread::Builder::new()
+            .name("child-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in queue {
+                    let _ = reply.send(spawn_killed_with_parent(&mut cmd));
+                }
+            })
+            .expect("the spawner thread starts");
+        jobs
+    });
+    let (reply, answer) = mpsc::channel();
+    spawner.send((cmd, reply)).expect("the spawner thread lives as long as the process");
+    answer.recv().expect("the spawner answers every job")
+}
+
+fn spawn_killed_with_parent(cmd: &mut Command) -> io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure runs between fork and exec and makes only async-signal-safe
+    // calls (prctl, getppid, _exit), allocating nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The test process may have died between the fork and the prctl.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
 
 // ---------------------------------------------------------------------------------------
 // Waiting
@@ -295,7 +343,7 @@ impl NatsServer {
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("clone log file handle"))
             .stderr(log_file);
-        let child = cmd.spawn().unwrap_or_else(|e| {
+        let child = spawn_child(cmd).unwrap_or_else(|e| {
             panic!("cannot run {}: {e}; run ./deploy/test, which installs it", self.binary.display())
         });
         *lock(&self.child) = Some(child);
@@ -430,8 +478,8 @@ impl RedisServer {
     fn spawn(&mut self, port: u16) -> Result<(), String> {
         let (log_path, log_file) = next_log(self.dir.path(), "redis-server", &mut self.runs);
         self.log = log_path;
-        let child = Command::new(&self.binary)
-            .args(["--port", &port.to_string()])
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(["--port", &port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
@@ -439,11 +487,10 @@ impl RedisServer {
             .arg(self.dir.path())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("clone log file handle"))
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {}: {e}; run ./deploy/test, which installs it", self.binary.display())
-            });
+            .stderr(log_file);
+        let child = spawn_child(cmd).unwrap_or_else(|e| {
+            panic!("cannot run {}: {e}; run ./deploy/test, which installs it", self.binary.display())
+        });
         let pid = child.id();
         *lock(&self.child) = Some(child);
 

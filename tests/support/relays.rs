@@ -115,8 +115,8 @@ impl RelayInstance {
             cmd.env(k, v);
         }
         cmd.env("GM_RELAY_LISTEN", addr.to_string()).env("RUST_LOG", "warn");
-        let child =
-            cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("gm-relay binary starts");
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        let child = super::spawn_child(cmd).expect("gm-relay binary starts");
         let instance = RelayInstance { kind: Kind::Process { child: Some(child) }, addr };
         let client = instance.client();
         wait_until_async(RELAY_DEADLINE, "the gm-relay process answers /healthz", || {
