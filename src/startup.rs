@@ -38,7 +38,7 @@ pub enum StartError {
 /// The async runtime the relay runs on: `threads` = 1 (the default) is a current-thread
 /// runtime, more a multi-thread one with that many workers.
 ///
-/// Why one thread by default: every message the relay publishes goes through its one NATS
+/// Why one thread by default: every message the relay publishes goes through its main NATS
 /// connection, whose writer is a task. On a multi-thread runtime the writer, woken by the
 /// task that queued a message, runs next in that worker's LIFO slot and writes that one
 /// message: one `writev` per message (measured at the native send maximum: ~42,000

@@ -470,7 +470,7 @@ pub fn cpu_of(usage: &[(&'static str, Option<CpuFigure>)], name: &str) -> Option
 }
 
 /// Counters that do not suffer from noise: Redis commands (all, including those run inside
-/// scripts, less `INFO` itself), JetStream API calls, and the relay connection's NATS
+/// scripts, less `INFO` itself), JetStream API calls, and the relay connections' NATS
 /// messages in and out.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Counters {

@@ -3,7 +3,7 @@
 //! The same 100 hosts (100 players each) are measured at every point, at a fixed rate well
 //! below saturation, one operation kind at a time, so each kind's figures are its own: the
 //! noise-free counts — Redis commands (INFO commandstats, including those run inside
-//! scripts), JetStream API calls (`/jsz` `api.total`) and the relay connection's NATS
+//! scripts), JetStream API calls (`/jsz` `api.total`) and the relay connections' NATS
 //! messages (`/connz`) — and time per operation: the CPU it costs the relay and the servers
 //! (nats-server + redis-server), read from each process's kernel clock, and its p50 and p99.
 //! Counts and the servers' CPU are taken less the idle background measured just before,
