@@ -38,8 +38,8 @@ pub enum StartError {
 /// The async runtime the relay runs on: `threads` = 1 (the default) is a current-thread
 /// runtime, more a multi-thread one with that many workers.
 ///
-/// Why one thread by default: every message the relay publishes goes through its main NATS
-/// connection, whose writer is a task. On a multi-thread runtime the writer, woken by the
+/// Why one thread by default: every message the relay publishes (but the native replies)
+/// goes through its main NATS connection, whose writer is a task. On a multi-thread runtime the writer, woken by the
 /// task that queued a message, runs next in that worker's LIFO slot and writes that one
 /// message: one `writev` per message (measured at the native send maximum: ~42,000
 /// `writev`/s for ~29,000 messages/s, also with a single worker). On one thread it runs
@@ -56,8 +56,6 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 
 pub struct Application {
     listener: TcpListener,
-    /// The native interface's own connection (see `adapters::native::REQUEST_BUFFER`).
-    native_client: async_nats::Client,
     state: AppState,
     config: Config,
 }
@@ -69,10 +67,9 @@ impl Application {
             crate::adapters::nats::connect(&config.nats_url, config.nats_nkey_seed.as_deref(), "gm-relay")
                 .await
                 .map_err(|source| StartError::Nats { url: config.nats_url.clone(), source })?;
-        let native_client =
-            crate::adapters::native::connect(&config.nats_url, config.nats_nkey_seed.as_deref())
-                .await
-                .map_err(|source| StartError::Nats { url: config.nats_url.clone(), source })?;
+        let native = crate::adapters::native::connect(&config.nats_url, config.nats_nkey_seed.as_deref())
+            .await
+            .map_err(|source| StartError::Nats { url: config.nats_url.clone(), source })?;
         let bus =
             JetStreamBus::new(client, Arc::clone(&metrics)).with_consumer_replicas(config.consumer_replicas);
         let limits = StreamLimits {
@@ -106,12 +103,7 @@ impl Application {
             .session_key
             .clone()
             .map(|key| crate::console::Console::start(Arc::clone(&relay), Arc::clone(&access), key));
-        Ok(Self {
-            listener,
-            native_client,
-            state: AppState { relay, access, metrics, ip_rate, console },
-            config,
-        })
+        Ok(Self { listener, state: AppState { relay, access, metrics, ip_rate, console, native }, config })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -131,7 +123,9 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let Application { listener, native_client, state, config } = self;
+        let Application { listener, state, config } = self;
+        // The native interface's own connection (see `adapters::native::REQUEST_BUFFER`).
+        let native_client = state.native.clone();
         let (stop_tx, stop_rx) = watch::channel(false);
         let relay = Arc::clone(&state.relay);
         let outbox = tokio::spawn(Arc::clone(&relay).run_outbox(stop_rx.clone()));

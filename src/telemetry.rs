@@ -118,9 +118,14 @@ impl<S: Subscriber> Layer<S> for RecentErrors {
     }
 }
 
+/// The log filter when `RUST_LOG` is unset. async-nats logs each connection event at info
+/// itself, one line per message dropped for a full subscription buffer among them; the
+/// relay logs the same events, with the connection's name and drops summarised.
+const DEFAULT_FILTER: &str = "info,async_nats=warn";
+
 /// Installs the process's subscriber; the returned guard must live as long as the process.
 pub fn init(format: LogFormat) -> LogGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(LOG_QUEUE_LINES)

@@ -127,16 +127,21 @@ fn the_servers_die_with_the_test_process() {
         // Exits without running the handles' drops, as a killed test process would.
         std::process::exit(0);
     }
+    // The exiting copy leaves its servers' directories behind; they go with this one.
+    let tmp = tempfile::tempdir().expect("temp dir");
     let out = std::process::Command::new(std::env::current_exe().expect("test binary path"))
         .args(["--exact", "the_servers_die_with_the_test_process", "--nocapture"])
         .env(EXIT_WITH_SERVERS, "1")
+        .env("TMPDIR", tmp.path())
         .output()
         .expect("the test binary runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let pids: Vec<u32> = stdout
         .lines()
         .find_map(|line| line.strip_prefix("pids "))
-        .unwrap_or_else(|| panic!("no pids printed: {stdout}"))
+        .unwrap_or_else(|| {
+            panic!("no pids printed ({}):\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr))
+        })
         .split(' ')
         .map(|pid| pid.parse().expect("a pid"))
         .collect();

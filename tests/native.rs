@@ -254,6 +254,44 @@ async fn the_service_connection_holds_a_bounded_number_of_unread_requests() {
     assert_eq!(next.expect("subscription open").payload, "after");
 }
 
+/// The relay serves the native requests on that connection, not on its main one.
+#[tokio::test]
+async fn the_relay_serves_native_requests_on_its_own_connection() {
+    let monitor = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nats = support::NatsServer::start_with_config(&format!("http: \"127.0.0.1:{monitor}\"\n"));
+    let app = TestApp::spawn_on(nats, &[]).await;
+    let client = async_nats::connect(app.nats.url()).await.unwrap();
+    support::wait_until_async(WAIT, "the native service answers", || async {
+        client.request("gm.relay.gs.4.resync", "{}".into()).await.is_ok()
+    })
+    .await;
+    let connz: Value = reqwest::get(format!("http://127.0.0.1:{monitor}/connz?subs=1"))
+        .await
+        .expect("the monitoring port answers")
+        .text()
+        .await
+        .unwrap()
+        .parse()
+        .expect("connz is JSON");
+    let subscriptions = |name: &str| -> Vec<String> {
+        let connections = connz["connections"].as_array().expect("a connection list");
+        let conn =
+            connections.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no {name} in {connz}"));
+        conn["subscriptions_list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let native = subscriptions(gm_relay::adapters::native::CONNECTION_NAME);
+    assert!(
+        native.iter().any(|s| s == "gm.relay.gs.*.send"),
+        "the native connection subscribes to {native:?}"
+    );
+    assert!(!subscriptions("gm-relay").iter().any(|s| s.starts_with("gm.relay.gs.")));
+}
+
 /// A host that loops on resync gets errno 8 past its rate instead of holding Redis.
 #[tokio::test]
 async fn resync_is_rate_limited_per_host() {

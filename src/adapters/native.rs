@@ -29,7 +29,9 @@ const MAX_IN_FLIGHT: usize = 1024;
 /// async-nats's default, 65,536 per subscription, would let a burst hold 131,072 requests
 /// of up to NATS's `max_payload` (1 MB) in memory; with this, a relay holds at most 5,120
 /// (these two buffers and those in flight): 40 MB of valid ones (`MAX_REQUEST_BYTES`),
-/// 5 GB if every publisher sent `max_payload`-sized junk. Twice `MAX_IN_FLIGHT`: the
+/// 5 GB if every publisher sent `max_payload`-sized junk. (The service's `$SRV` discovery
+/// subscriptions on the same connection have buffers as large; with `nats-auth`
+/// credentials hosts may not publish there.) Twice `MAX_IN_FLIGHT`: the
 /// client's reader can put a whole burst into the buffer before the service takes any
 /// (one socket read carries hundreds of requests), so a burst of up to this many — hosts
 /// retrying after an outage — is held, not dropped. The size is per connection in

@@ -234,12 +234,13 @@ pub fn options(nkey_seed: Option<&str>, client_name: &str) -> async_nats::Connec
         None => async_nats::ConnectOptions::new(),
     };
     let slow = Arc::new(SlowConsumerLog::default());
+    let connection: Arc<str> = client_name.into();
     options.name(client_name).connection_timeout(CONNECT_TIMEOUT).event_callback(move |event| {
-        let slow = Arc::clone(&slow);
+        let (slow, connection) = (Arc::clone(&slow), Arc::clone(&connection));
         async move {
             match event {
-                async_nats::Event::SlowConsumer(sid) => slow.record(sid),
-                event => tracing::info!(%event, "nats connection event"),
+                async_nats::Event::SlowConsumer(sid) => slow.record(&connection, sid),
+                event => tracing::info!(%event, %connection, "nats connection event"),
             }
         }
     })
@@ -259,21 +260,24 @@ pub async fn connect_with(
 const SLOW_CONSUMER_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Counts the client's slow-consumer reports (a message dropped because its subscription's
-/// buffer was full) and logs them at most once per [`SLOW_CONSUMER_LOG_EVERY`].
+/// buffer was full) and logs them at most once per [`SLOW_CONSUMER_LOG_EVERY`]. The count
+/// is a floor: the client drops its own reports when they come faster than they are read,
+/// and drops after the last line are told with the next one.
 #[derive(Default)]
 struct SlowConsumerLog {
     state: Mutex<(Option<Instant>, u64)>,
 }
 
 impl SlowConsumerLog {
-    fn record(&self, sid: u64) {
+    fn record(&self, connection: &str, sid: u64) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (last, dropped) = &mut *state;
         *dropped += 1;
         if last.is_none_or(|at| at.elapsed() >= SLOW_CONSUMER_LOG_EVERY) {
             tracing::warn!(
+                connection,
                 subscription = sid,
-                dropped = *dropped,
+                dropped_at_least = *dropped,
                 "nats subscription buffer full: messages dropped"
             );
             *last = Some(Instant::now());

@@ -89,7 +89,8 @@ fn spawn_killed_with_parent(cmd: &mut Command) -> io::Result<Child> {
     // calls (prctl, getppid, _exit), allocating nothing.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            // prctl(2) takes the signal as an unsigned long.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                 return Err(io::Error::last_os_error());
             }
             // The test process may have died between the fork and the prctl.

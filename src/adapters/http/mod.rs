@@ -52,6 +52,8 @@ pub struct AppState {
     pub ip_rate: Arc<RateLimiter<IpAddr>>,
     /// The web console, when `GM_RELAY_SESSION_KEY` is set.
     pub console: Option<Arc<crate::console::Console>>,
+    /// The native interface's own NATS connection (`adapters::native::connect`).
+    pub native: async_nats::Client,
 }
 
 pub fn router(state: AppState, gm_path: &str, gs_path: &str) -> Router {
@@ -84,6 +86,10 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let mut failing = Vec::new();
     if !matches!(nats, Ok(Ok(()))) {
         failing.push("nats");
+    }
+    // Same server, so its state is enough: while it reconnects, native requests fail.
+    if state.native.connection_state() != async_nats::connection::State::Connected {
+        failing.push("nats (native interface)");
     }
     if !matches!(redis, Ok(Ok(()))) {
         failing.push("redis");
