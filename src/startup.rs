@@ -38,14 +38,14 @@ pub enum StartError {
 /// The async runtime the relay runs on: `threads` = 1 (the default) is a current-thread
 /// runtime, more a multi-thread one with that many workers.
 ///
-/// Why one thread by default: every message the relay publishes (but the native replies)
-/// goes through its main NATS connection, whose writer is a task. On a multi-thread runtime the writer, woken by the
-/// task that queued a message, runs next in that worker's LIFO slot and writes that one
-/// message: one `writev` per message (measured at the native send maximum: ~42,000
-/// `writev`/s for ~29,000 messages/s, also with a single worker). On one thread it runs
-/// after every ready task and writes them together (~1,800 `writev`/s), which costs the
-/// relay ~30% less CPU per message and the broker fewer reads. A relay therefore uses one
-/// core; more relays (they share NATS and Redis) use more.
+/// Why one thread by default: every message the relay publishes (but the native replies) goes
+/// through its main NATS connection, whose writer is a task. On a multi-thread runtime the
+/// writer, woken by the task that queued a message, runs next in that worker's LIFO slot and
+/// writes that one message: one `writev` per message (measured at the native send maximum:
+/// ~42,000 `writev`/s for ~29,000 messages/s, also with a single worker). On one thread it runs
+/// after every ready task and writes them together (~1,800 `writev`/s), which costs the relay
+/// ~30% less CPU per message and the broker fewer reads. A relay therefore uses one core; more
+/// relays (they share NATS and Redis) use more.
 pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()

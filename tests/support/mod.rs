@@ -1,5 +1,6 @@
 //! Real servers for integration tests: a `nats-server` with JetStream and a `redis-server`,
-//! each on a free loopback port with its own temporary directory, killed when dropped and when the test process dies ([`spawn_child`]).
+//! each on a free loopback port with its own temporary directory, killed when dropped and
+//! when the test process dies ([`spawn_child`]).
 //!
 //! Why real servers: the relay's promises (nothing acknowledged before PubAck, outbox
 //! drained after a crash, consumers surviving a restart) are about what the servers do, so
