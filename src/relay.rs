@@ -10,10 +10,11 @@ use tokio::sync::{watch, Notify, OwnedMutexGuard};
 use crate::domain::event::{new_event_id, now_ms};
 use crate::domain::poll::{plan_chat, plan_relation, Conversation, Grouping, PollReply, RelationChanges};
 use crate::domain::ports::{
-    Delivery, EventBus, Feed, FriendStore, LeaseToken, RoleService, RoleVerdict, RosterEntry, Route, Settle,
+    Delivery, EventBus, Feed, FetchFailed, FriendStore, LeaseToken, RoleService, RoleVerdict, RosterEntry,
+    Route, Settle,
 };
 use crate::domain::rate::RateLimiter;
-use crate::domain::{ChatText, Envelope, Errno, GmId, GmName, HostId, RelayError, Uid};
+use crate::domain::{Backend, ChatText, Envelope, Errno, GmId, GmName, HostId, RelayError, Uid};
 
 /// Hosts numbered from here on are "external" servers whose players the role service must
 /// confirm (the original's `is_inter_server`).
@@ -32,9 +33,11 @@ const FETCH_BATCH: usize = 1000;
 /// adapter's `LEGACY_MAX_ACK_PENDING`) limited.
 const MAX_FETCH_PER_POLL: usize = 10_000;
 
-/// Time after which a poll fetches no further round and serves what it has: with the
-/// 2 s bound on each round it keeps a poll well inside its lease (`POLL_LEASE_TTL`).
-const POLL_FETCH_BUDGET: Duration = Duration::from_secs(4);
+/// Every fetch round of a poll ends within this of asking for the feed's lease (a round
+/// still running then is cut short), so whatever the broker handed out is due again (the
+/// NATS adapter's `LEGACY_ACK_WAIT`, 10 s) before the lease expires ([`POLL_LEASE_TTL`]):
+/// 3 + 10 s leaves 2 s for the broker's own delays.
+const POLL_FETCH_BUDGET: Duration = Duration::from_secs(3);
 
 /// Players per resync reply page: about 100 bytes each, far below NATS's payload limit.
 pub const RESYNC_PAGE: usize = 1000;
@@ -52,9 +55,12 @@ const POLL_TURN_WAIT: Duration = Duration::from_secs(2);
 /// Pause between attempts to take a poll lease held by another relay.
 const POLL_LEASE_RETRY: Duration = Duration::from_millis(5);
 
-/// A poll lease outlives the longest poll (the turn wait, the fetch budget and the settle
-/// are each bounded well below this), so a relay that dies mid-poll blocks its feed for at
-/// most this long.
+/// A poll lease outlives the longest poll (the fetch budget and the settle are each bounded
+/// well below this), so a relay that dies mid-poll blocks its feed for at most this long.
+/// It also outlives the ack wait of everything the poll fetched: a poll that cannot tell
+/// what the broker handed out or applied (a fetch round failed or was cut, its acks failed)
+/// leaves the lease to expire instead of releasing it, so the next poll starts only once
+/// those messages are due again, and gets them first, in stream order.
 pub const POLL_LEASE_TTL: Duration = Duration::from_secs(15);
 
 /// A friend change answers once committed; it waits up to this long for its event to be
@@ -188,7 +194,12 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         if !self.gm_rate.allow(&gm) {
             return Err(Errno::RateLimited.into());
         }
-        self.bus.ensure_host_consumer(host).await?;
+        // The native consumer delivers from the start of the stream whenever it is
+        // created, so a send need not wait for it (as `add` does not): legacy polls read
+        // their own consumers, and the next send or friend change creates it.
+        if let Err(e) = self.bus.ensure_host_consumer(host).await {
+            tracing::warn!(%host, error = %e, "could not create the host's native consumer; will retry");
+        }
         let event = Envelope::chat(new_event_id(), host, uid, gm, text.as_str(), now_ms());
         let stored = self.bus.publish_chat(Route::ToHost(host), &event).await?;
         Ok(Sent { id: event.id, host, seq: stored.seq })
@@ -275,45 +286,68 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             tracing::warn!(feed = %feed.key(), "poll gave up waiting for its turn");
             return Ok(PollTicket::empty());
         };
+        let give_up = turn.asked_at + POLL_FETCH_BUDGET;
         // From here the turn and whatever is fetched are owned by a settlement, so a
         // request dropped mid-fetch (the client went away, the request timed out) naks
         // them and ends the turn, as for a reply that was not written.
         let mut fetching = Fetching {
-            settlement: Some(Settlement { relay: Arc::clone(self), settles: Vec::new(), turn: Some(turn) }),
+            settlement: Some(Settlement {
+                relay: Arc::clone(self),
+                settles: Vec::new(),
+                turn: Some(turn),
+                in_doubt: false,
+            }),
             deliveries: Vec::new(),
         };
-        let deliveries = &mut fetching.deliveries;
         let mut planned = None;
-        let give_up = tokio::time::Instant::now() + POLL_FETCH_BUDGET;
-        while deliveries.len() < MAX_FETCH_PER_POLL {
-            let round = self.bus.fetch(feed, FETCH_BATCH.min(MAX_FETCH_PER_POLL - deliveries.len()));
-            let batch = match round.await {
-                Ok(batch) => batch,
-                // Serve what earlier rounds fetched; a failed first round fails the poll.
-                Err(e) if deliveries.is_empty() => {
-                    fetching.end().await;
-                    return Err(e);
-                }
-                Err(e) => {
-                    tracing::warn!(feed = %feed.key(), error = %e, "poll fetch round failed; serving what it has");
-                    break;
-                }
+        while fetching.deliveries.len() < MAX_FETCH_PER_POLL {
+            let before = fetching.deliveries.len();
+            let want = FETCH_BATCH.min(MAX_FETCH_PER_POLL - before);
+            // The round appends each message as it arrives, so one that fails or is cut
+            // part-way still leaves what it received to be served or nak'd.
+            let round =
+                tokio::time::timeout_at(give_up, self.bus.fetch(feed, want, &mut fetching.deliveries)).await;
+            let failed = match round {
+                Ok(Ok(())) => None,
+                Ok(Err(failed)) => Some(failed),
+                Err(elapsed) => Some(FetchFailed {
+                    error: RelayError::unavailable(
+                        Backend::Nats,
+                        format!("fetch round cut at the poll's budget: {elapsed}"),
+                    ),
+                    requested: true,
+                }),
             };
-            let more = batch.len() == FETCH_BATCH;
-            deliveries.extend(batch);
+            if let Some(FetchFailed { error, requested }) = failed {
+                if requested {
+                    // The broker may have handed out messages that never arrived here:
+                    // they are due again only after the ack wait, so the lease must run
+                    // out before the next poll, or it would serve newer events first.
+                    fetching.mark_in_doubt();
+                }
+                if fetching.deliveries.is_empty() {
+                    fetching.end().await;
+                    return Err(error);
+                }
+                tracing::warn!(feed = %feed.key(), error = %error, "poll fetch round failed; serving what it has");
+                // The failed round may have added messages: plan again, with them.
+                planned = None;
+                break;
+            }
+            let more = fetching.deliveries.len() - before == FETCH_BATCH;
             crate::fault_point!(self, "poll_after_fetch");
-            // A fetch hands out redeliveries before new messages; stream order is what
-            // the protocol promises.
-            deliveries.sort_by_key(|d| d.stream_seq);
-            let (reply, settles) = plan(deliveries);
-            let full = reply.entries() >= POLL_MAX;
-            planned = Some((reply, settles));
+            let planned_now = plan_in_order(&mut fetching.deliveries, &plan);
+            let full = planned_now.0.entries() >= POLL_MAX;
+            planned = Some(planned_now);
             if !more || full || tokio::time::Instant::now() >= give_up {
                 break;
             }
         }
-        let (reply, settles) = planned.unwrap_or_else(|| plan(deliveries));
-        let deliveries = std::mem::take(deliveries);
+        let (reply, settles) = match planned {
+            Some(planned) => planned,
+            None => plan_in_order(&mut fetching.deliveries, &plan),
+        };
+        let deliveries = std::mem::take(&mut fetching.deliveries);
         let mut settlement = fetching.settlement.take().expect("the settlement is taken once, here");
         settlement.settles = deliveries.into_iter().zip(settles).map(|(d, s)| (d.handle, s)).collect();
         Ok(PollTicket { reply, settlement: Some(settlement) })
@@ -335,8 +369,11 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         };
         let lease_name = format!("poll:{}", feed.key());
         loop {
+            // Taken before asking: the lease's time runs from when the store set it, which
+            // is no earlier than this.
+            let asked_at = tokio::time::Instant::now();
             if let Some(token) = self.store.try_lease(&lease_name, POLL_LEASE_TTL).await? {
-                return Ok(Some(Turn { _guard: guard, lease_name, token }));
+                return Ok(Some(Turn { _guard: guard, lease_name, token, asked_at }));
             }
             if tokio::time::Instant::now() + POLL_LEASE_RETRY > deadline {
                 return Ok(None);
@@ -345,7 +382,13 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         }
     }
 
-    async fn end_turn(&self, turn: Turn) {
+    /// Ends a turn: releases its lease, or, when the poll cannot tell what the broker
+    /// handed out or applied, leaves the lease to expire (see [`POLL_LEASE_TTL`]).
+    async fn end_turn(&self, turn: Turn, in_doubt: bool) {
+        if in_doubt {
+            tracing::warn!(lease = %turn.lease_name, "poll lease left to expire: the broker may hold this poll's events unsettled until their ack wait");
+            return;
+        }
         if let Err(e) = self.store.release_lease(&turn.lease_name, &turn.token).await {
             // The lease expires by itself; the next poll of this feed waits at most its TTL.
             tracing::warn!(lease = %turn.lease_name, error = %e, "could not release poll lease");
@@ -387,6 +430,18 @@ struct Turn {
     _guard: OwnedMutexGuard<()>,
     lease_name: String,
     token: LeaseToken,
+    /// When the lease was asked for: the poll's fetching is timed from here.
+    asked_at: tokio::time::Instant,
+}
+
+/// Sorts a poll's deliveries into stream order (a fetch hands out redeliveries before new
+/// messages; stream order is what the protocol promises) and plans the reply.
+fn plan_in_order<H, T>(
+    deliveries: &mut [Delivery<H>],
+    plan: &impl Fn(&[Delivery<H>]) -> (T, Vec<Settle>),
+) -> (T, Vec<Settle>) {
+    deliveries.sort_by_key(|d| d.stream_seq);
+    plan(deliveries)
 }
 
 /// A planned poll reply, and the acks that must follow it once it is written.
@@ -412,6 +467,8 @@ pub struct Settlement<S: FriendStore, B: EventBus, R: RoleService> {
     settles: Vec<(B::Handle, Settle)>,
     /// None once finished.
     turn: Option<Turn>,
+    /// The broker may hold messages of this poll that the relay never received.
+    in_doubt: bool,
 }
 
 impl<S: FriendStore, B: EventBus, R: RoleService> Settlement<S, B, R> {
@@ -421,18 +478,21 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Settlement<S, B, R> {
         let mut settles = std::mem::take(&mut self.settles);
         let turn = self.turn.take();
         let relay = Arc::clone(&self.relay);
+        let mut in_doubt = self.in_doubt;
         if !written {
             settles.iter_mut().for_each(|(_, s)| *s = Settle::Nak);
         }
         tokio::spawn(async move {
             if !settles.is_empty() {
                 if let Err(e) = relay.bus.settle(settles).await {
-                    // Unacked messages are redelivered after the consumer's ack wait.
+                    // Some acks or naks may not have been applied: those messages are
+                    // redelivered after the consumer's ack wait, which the lease outlasts.
                     tracing::warn!(error = %e, "poll acks failed; events will be redelivered");
+                    in_doubt = true;
                 }
             }
             if let Some(turn) = turn {
-                relay.end_turn(turn).await;
+                relay.end_turn(turn, in_doubt).await;
             }
         })
     }
@@ -447,11 +507,17 @@ struct Fetching<S: FriendStore, B: EventBus, R: RoleService> {
 }
 
 impl<S: FriendStore, B: EventBus, R: RoleService> Fetching<S, B, R> {
-    /// Ends the turn of a poll that fetched nothing, and waits for it.
+    fn mark_in_doubt(&mut self) {
+        if let Some(settlement) = &mut self.settlement {
+            settlement.in_doubt = true;
+        }
+    }
+
+    /// Ends the turn of a poll that received nothing, and waits for it.
     async fn end(mut self) {
         if let Some(mut settlement) = self.settlement.take() {
             if let Some(turn) = settlement.turn.take() {
-                settlement.relay.end_turn(turn).await;
+                settlement.relay.end_turn(turn, settlement.in_doubt).await;
             }
         }
     }
@@ -459,8 +525,10 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Fetching<S, B, R> {
 
 impl<S: FriendStore, B: EventBus, R: RoleService> Drop for Fetching<S, B, R> {
     fn drop(&mut self) {
-        // Dropped mid-fetch: the settlement (dropped right after) naks what was fetched.
+        // Dropped mid-fetch: the settlement (dropped right after) naks what was received;
+        // a round cut short may have been handed more by the broker.
         if let Some(settlement) = &mut self.settlement {
+            settlement.in_doubt = true;
             settlement.settles.extend(self.deliveries.drain(..).map(|d| (d.handle, Settle::Nak)));
         }
     }
@@ -475,6 +543,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Drop for Settlement<S, B, R> {
                 relay: Arc::clone(&self.relay),
                 settles: std::mem::take(&mut self.settles),
                 turn: self.turn.take(),
+                in_doubt: self.in_doubt,
             };
             unfinished.finish(false);
         }

@@ -36,7 +36,7 @@ use futures::StreamExt;
 
 use crate::domain::event::ENVELOPE_VERSION;
 use crate::domain::order;
-use crate::domain::ports::{Delivery, EventBus, Feed, Route, Settle, Stored};
+use crate::domain::ports::{Delivery, EventBus, Feed, FetchFailed, Route, Settle, Stored};
 use crate::domain::{Backend, Envelope, HostId, RelayError};
 use crate::metrics::Metrics;
 
@@ -129,15 +129,20 @@ const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Bound on a fetch (request to last message); no-wait fetches return at once normally.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Bound on applying a poll's acks and naks, up to the server's confirmation of the last:
+/// thousands of acks share a few writes and take milliseconds on a healthy connection.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Bound on consumer or stream management calls.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Redelivery of a poll's events if its acks never arrive (relay died mid-poll). Longer
-/// than a poll's fetching (at most 6 s: a 4 s budget, then one last round of up to 2 s),
-/// and shorter than the poll lease (15 s, `relay::POLL_LEASE_TTL`): when a dead relay's
-/// lease expires, what it fetched is already due again, and the next poll gets it before
-/// anything newer, in stream order. Were it longer, the next polls would serve newer events
-/// first and the old ones after (a friend add after the remove that undid it).
+/// Redelivery of a poll's events if its acks never arrive (relay died mid-poll, or its
+/// acks failed). A poll's fetching ends within 3 s of asking for its lease
+/// (`relay::POLL_FETCH_BUDGET`), and 3 + 10 s is under the poll lease (15 s,
+/// `relay::POLL_LEASE_TTL`): when the lease expires, what the poll was handed is already
+/// due again, and the next poll gets it before anything newer, in stream order. Were it
+/// longer, the next polls would serve newer events first and the old ones after (a friend
+/// add after the remove that undid it).
 pub const LEGACY_ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// Events fetched but not yet acked per legacy consumer: one poll's worth (1,000) plus
@@ -760,15 +765,23 @@ impl EventBus for JetStreamBus {
         (prefix, error)
     }
 
-    async fn fetch(&self, feed: Feed, max: usize) -> Result<Vec<Delivery<Self::Handle>>, RelayError> {
-        let Some(consumer) = self.consumer(feed).await? else {
+    async fn fetch(
+        &self,
+        feed: Feed,
+        max: usize,
+        into: &mut Vec<Delivery<Self::Handle>>,
+    ) -> Result<(), FetchFailed> {
+        // Until the pull request is sent, the broker has handed out nothing.
+        let not_requested = |error| FetchFailed { error, requested: false };
+        let Some(consumer) = self.consumer(feed).await.map_err(not_requested)? else {
             // Nothing was ever sent to this host: nothing to serve.
-            return Ok(Vec::new());
+            return Ok(());
         };
         let fetched = tokio::time::timeout(FETCH_TIMEOUT, async {
             let mut batch = consumer.fetch().max_messages(max).messages().await.map_err(unavailable)?;
-            let mut out = Vec::new();
             while let Some(message) = batch.next().await {
+                // A status other than "no more messages" (a consumer leader change) ends
+                // the round after what it already delivered; those stay in `into`.
                 let message = message.map_err(unavailable)?;
                 let stream_seq = message.info().map(|i| i.stream_sequence).map_err(unavailable)?;
                 let event = serde_json::from_slice::<Envelope>(&message.payload)
@@ -777,21 +790,21 @@ impl EventBus for JetStreamBus {
                 if event.is_none() {
                     tracing::warn!(subject = %message.subject, stream_seq, "skipping a message that is not a valid envelope");
                 }
-                out.push(Delivery { stream_seq, event, handle: message });
+                into.push(Delivery { stream_seq, event, handle: message });
             }
-            Ok::<_, RelayError>(out)
+            Ok::<_, RelayError>(())
         })
         .await;
-        match fetched {
-            Ok(Ok(out)) => Ok(out),
+        let error = match fetched {
+            Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) => {
                 // The consumer may have been deleted behind our back: look it up again.
                 self.forget_consumer(feed);
-                Err(e)
+                e
             }
-            // Messages fetched before the timeout are redelivered after the ack wait.
-            Err(e) => Err(unavailable(e)),
-        }
+            Err(e) => unavailable(e),
+        };
+        Err(FetchFailed { error, requested: true })
     }
 
     async fn ensure_host_consumer(&self, host: HostId) -> Result<(), RelayError> {
@@ -833,12 +846,15 @@ impl EventBus for JetStreamBus {
             Settle::Ack => AckKind::Ack,
             Settle::Nak => AckKind::Nak(None),
         };
-        for (message, s) in &settles {
-            message.ack_with(kind(*s)).await.map_err(unavailable)?;
-        }
-        tokio::time::timeout(FETCH_TIMEOUT, last.double_ack_with(kind(last_kind)))
-            .await
-            .map_err(unavailable)?
-            .map_err(unavailable)
+        // One bound for all of them: while disconnected, sends wait for room in the
+        // client's queue, and a poll's turn must not wait with them.
+        tokio::time::timeout(SETTLE_TIMEOUT, async {
+            for (message, s) in &settles {
+                message.ack_with(kind(*s)).await.map_err(unavailable)?;
+            }
+            last.double_ack_with(kind(last_kind)).await.map_err(unavailable)
+        })
+        .await
+        .map_err(unavailable)?
     }
 }

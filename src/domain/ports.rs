@@ -61,6 +61,15 @@ pub struct Delivery<H> {
     pub handle: H,
 }
 
+/// A fetch round that failed.
+#[derive(Debug)]
+pub struct FetchFailed {
+    pub error: RelayError,
+    /// The request may have reached the broker, which may then have handed out messages
+    /// that never arrived: they stay unsettled until the consumer's ack wait.
+    pub requested: bool,
+}
+
 /// What to tell the broker about one delivery once the reply is out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settle {
@@ -96,12 +105,15 @@ pub trait EventBus: Send + Sync + 'static {
         events: &[(Route, Envelope)],
     ) -> impl Future<Output = (usize, Option<RelayError>)> + Send;
 
-    /// Fetches what is waiting on a feed, at most `max`, without waiting for more.
-    fn fetch(
-        &self,
+    /// Fetches what is waiting on a feed, at most `max`, without waiting for more. Each
+    /// message is appended to `into` as it arrives, so a round that fails or is dropped
+    /// part-way leaves what it received with the caller, to be served or nak'd.
+    fn fetch<'a>(
+        &'a self,
         feed: Feed,
         max: usize,
-    ) -> impl Future<Output = Result<Vec<Delivery<Self::Handle>>, RelayError>> + Send;
+        into: &'a mut Vec<Delivery<Self::Handle>>,
+    ) -> impl Future<Output = Result<(), FetchFailed>> + Send + 'a;
 
     /// Makes sure the native consumer `host_<n>` exists, so a game server can bind it.
     fn ensure_host_consumer(&self, host: HostId) -> impl Future<Output = Result<(), RelayError>> + Send;

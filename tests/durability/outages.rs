@@ -1,14 +1,15 @@
 //! NATS or Redis going away: requests answer errno 10 quickly instead of hanging, `/readyz`
 //! says so, the relay recovers by itself, and nothing is left half-done.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+
+use gm_relay::relay::POLL_LEASE_TTL;
 
 use serde_json::json;
 
 use crate::common::*;
-use crate::support::app::{
-    b64, enc, stored_events, wait_poll_leases_released, wait_stored_for_host, Reply, TestApp,
-};
+use crate::support::app::{b64, enc, stored_events, wait_stored_for_host, Reply, TestApp};
 use crate::support::{send_signal, wait_until, wait_until_async};
 
 const HOST: i64 = 3;
@@ -362,20 +363,76 @@ async fn an_outbox_batch_without_pubacks_gives_up_within_one_bound() {
     assert!(took < ANSWER_WITHIN, "the batch took {took:?}");
 }
 
-/// A poll dropped while it fetches (its client went away, or the request timed out) ends
-/// its turn at once: the feed's lease is released, not left to block every relay's polls
-/// of that feed until it expires (15 s).
+/// The poll lease held on `host`'s chat feed: its remaining time, or None.
+async fn host_chat_lease_ttl(app: &TestApp) -> Option<Duration> {
+    let key = format!(
+        "gmr:lease:poll:{}",
+        gm_relay::domain::ports::Feed::HostChat(gm_relay::domain::HostId(HOST)).key()
+    );
+    let ms: i64 = redis_query(app, &["PTTL", &key]).await;
+    u64::try_from(ms).ok().map(Duration::from_millis)
+}
+
+/// A poll whose fetch goes unanswered cannot tell what the broker handed out: a message
+/// sent to an inbox nobody reads any more stays unacked until its ack wait (10 s), and a
+/// poll before then would serve what came after it first. So the poll answers errno 10
+/// and leaves the feed's lease to expire (15 s) instead of releasing it; the next poll
+/// then serves the feed from where it was, in order.
 #[tokio::test]
-async fn a_poll_dropped_mid_fetch_releases_its_lease() {
+async fn a_poll_whose_fetch_goes_unanswered_leaves_its_lease_to_expire() {
     use gm_relay::domain::HostId;
     let app = TestApp::spawn().await;
     befriended(&app).await;
+    gm_send_ok(&app, 1001, "first").await;
     app.wait_polls_settled(DEADLINE).await;
     let relay = app.relay();
     let frozen = Frozen::new(app.nats.pid().expect("nats-server runs"));
-    let poll = tokio::time::timeout(Duration::from_millis(500), relay.gs_receive(HostId(HOST))).await;
-    assert!(poll.is_err(), "the poll cannot finish while nats-server is frozen");
-    // Redis still answers: the dropped poll's lease must go now, well before its TTL.
-    wait_poll_leases_released(&app.redis_conn().await, Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let poll = relay.gs_receive(HostId(HOST)).await;
+    assert!(poll.is_err(), "a poll without an answer from the broker fails");
+    assert!(started.elapsed() < ANSWER_WITHIN, "the poll took {:?}", started.elapsed());
+    // The poll has ended its turn: the lease is still there, running out.
+    let ttl = host_chat_lease_ttl(&app).await;
+    assert!(ttl.is_some_and(|t| t > Duration::ZERO), "the lease was released: {ttl:?}");
+    drop(frozen);
+    gm_send_ok(&app, 1001, "second").await;
+    // Polls answer empty until the lease is gone, then get both, oldest first.
+    let got = std::sync::Mutex::new(BTreeMap::new());
+    wait_until_async(POLL_LEASE_TTL + DEADLINE, "the host gets its messages", || {
+        let got = &got;
+        let app = &app;
+        async move {
+            let reply = app.gs_receive(HOST).await;
+            let mut got = got.lock().unwrap();
+            absorb_host(&mut got, reply);
+            got.values().flatten().any(|t| t == "second")
+        }
+    })
+    .await;
+    let got = got.into_inner().unwrap();
+    assert_eq!(got.get("1001"), Some(&vec!["first".to_owned(), "second".to_owned()]));
+    assert_eq!(app.gs_receive(HOST).await, vec![], "nothing comes again");
+}
+
+/// A poll whose acks go unconfirmed cannot tell which the broker applied: the next poll
+/// must not start before what was not acked is due again. The turn ends with the lease
+/// left to expire.
+#[tokio::test]
+async fn a_poll_whose_acks_fail_leaves_its_lease_to_expire() {
+    use gm_relay::domain::HostId;
+    let app = TestApp::spawn().await;
+    befriended(&app).await;
+    gm_send_ok(&app, 1001, "hello").await;
+    app.wait_polls_settled(DEADLINE).await;
+    let relay = app.relay();
+    let ticket = relay.gs_receive(HostId(HOST)).await.expect("the poll fetched");
+    let (reply, settlement) = ticket.into_parts();
+    assert_eq!(reply.len(), 1, "the message was fetched");
+    let frozen = Frozen::new(app.nats.pid().expect("nats-server runs"));
+    let started = Instant::now();
+    settlement.expect("a settlement").finish(true).await.expect("the settle task ran");
+    assert!(started.elapsed() < ANSWER_WITHIN, "the settle took {:?}", started.elapsed());
+    let ttl = host_chat_lease_ttl(&app).await;
+    assert!(ttl.is_some_and(|t| t > Duration::ZERO), "the lease was released: {ttl:?}");
     drop(frozen);
 }
