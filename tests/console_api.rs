@@ -182,6 +182,40 @@ async fn failed_sign_ins_are_limited_per_account_and_per_ip() {
     assert_eq!(other.sign_in(8, PASSWORD).await.status, 200);
 }
 
+/// Guesses sent all at once are counted before their passwords are checked: no more than
+/// the account's limit get a password check, however many arrive together.
+#[tokio::test]
+async fn concurrent_guesses_cannot_overrun_the_account_limit() {
+    const GUESSES: u64 = 4 * MAX_FAILURES_PER_ACCOUNT;
+    let app = spawn_console(&[("GM_RELAY_TRUSTED_PROXIES", "127.0.0.1")]).await;
+    create_gm_with_password(&app, 7, "Alice", PASSWORD, Role::Gm).await;
+    let guesses = (0..GUESSES).map(|i| {
+        let mut c = ConsoleClient::for_app(&app);
+        // Each from its own address: only the account's limit applies.
+        c.real_ip = Some(format!("10.1.{}.{}", i / 200, i % 200 + 1));
+        async move { c.sign_in(7, "wrong password!").await.status }
+    });
+    let statuses = futures::future::join_all(guesses).await;
+    let checked = statuses.iter().filter(|s| **s == 401).count() as u64;
+    let refused = statuses.iter().filter(|s| **s == 429).count() as u64;
+    assert_eq!(checked, MAX_FAILURES_PER_ACCOUNT, "statuses: {statuses:?}");
+    assert_eq!(refused, GUESSES - MAX_FAILURES_PER_ACCOUNT, "statuses: {statuses:?}");
+    // The right password is refused too, until the window ends.
+    assert_eq!(ConsoleClient::for_app(&app).sign_in(7, PASSWORD).await.status, 429);
+}
+
+/// A right password gives the address its attempt back: an office behind one NAT can sign
+/// in more often than the per-IP failure limit.
+#[tokio::test]
+async fn sign_ins_that_succeed_do_not_use_up_the_ip_limit() {
+    let app = spawn_console(&[]).await;
+    create_gm_with_password(&app, 7, "Alice", PASSWORD, Role::Gm).await;
+    for i in 0..=MAX_FAILURES_PER_IP {
+        let mut c = ConsoleClient::for_app(&app);
+        assert_eq!(c.sign_in(7, PASSWORD).await.status, 200, "sign-in {i}");
+    }
+}
+
 #[tokio::test]
 async fn roster_unread_history_send_and_delivery_status() {
     let app = spawn_console(&[]).await;

@@ -147,39 +147,45 @@ impl SignIn {
         password: &str,
         ip: IpAddr,
     ) -> Result<(Session, String), SignInError> {
-        let (by_gm, by_ip) = store.signin_failures(gm, ip).await?;
-        if by_gm >= MAX_FAILURES_PER_ACCOUNT || by_ip >= MAX_FAILURES_PER_IP {
-            tracing::warn!(%gm, %ip, by_gm, by_ip, "console sign-in refused: too many failures");
+        let limits = (MAX_FAILURES_PER_ACCOUNT, MAX_FAILURES_PER_IP);
+        if !store.take_signin_attempt(gm, ip, SIGNIN_WINDOW, limits).await? {
+            tracing::warn!(%gm, %ip, "console sign-in refused: too many failures");
             return Err(SignInError::Limited);
         }
+        // From here the attempt counts as a failure unless settled otherwise.
         if password.len() > MAX_PASSWORD_BYTES {
-            store.record_signin_failure(gm, ip, SIGNIN_WINDOW).await?;
             return Err(SignInError::Refused);
         }
         let credentials = store.credentials(gm).await?;
         let phc = credentials.as_ref().map_or_else(|| DECOY_HASH.clone(), |c| c.phc.clone());
-        let permit = tokio::time::timeout(HASH_SLOT_WAIT, Arc::clone(&self.hashing).acquire_owned())
-            .await
-            .map_err(|_| SignInError::Busy)?
-            .map_err(|_| SignInError::Busy)?;
+        let Ok(Ok(permit)) =
+            tokio::time::timeout(HASH_SLOT_WAIT, Arc::clone(&self.hashing).acquire_owned()).await
+        else {
+            // Not a guess: the password was never checked.
+            store.settle_signin_attempt(gm, ip, false).await?;
+            return Err(SignInError::Busy);
+        };
         let candidate = password.to_owned();
-        let matches = tokio::task::spawn_blocking(move || {
+        let checked = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             verify_password(&candidate, &phc)
         })
-        .await
-        .map_err(|e| {
-            // A panic in the check is our fault, not a wrong password: not counted against
-            // the account, answered as "try again".
-            tracing::error!(%gm, error = %e, "console password check failed");
-            SignInError::Busy
-        })?;
+        .await;
+        let matches = match checked {
+            Ok(matches) => matches,
+            Err(e) => {
+                // A panic in the check is our fault, not a wrong password: not counted
+                // against the account, answered as "try again".
+                tracing::error!(%gm, error = %e, "console password check failed");
+                store.settle_signin_attempt(gm, ip, false).await?;
+                return Err(SignInError::Busy);
+            }
+        };
         let Some(credentials) = credentials.filter(|_| matches) else {
-            store.record_signin_failure(gm, ip, SIGNIN_WINDOW).await?;
             tracing::info!(%gm, %ip, "console sign-in failed");
             return Err(SignInError::Refused);
         };
-        store.clear_signin_failures(gm).await?;
+        store.settle_signin_attempt(gm, ip, true).await?;
         let session = Session {
             gm,
             role: credentials.role,

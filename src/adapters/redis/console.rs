@@ -60,14 +60,40 @@ return redis.call('HINCRBY', KEYS[1], 'ver', 1)
     )
 });
 
-/// KEYS: account counter, IP counter. ARGV: window ms. Counts a failure in both; a counter
-/// lives for one window from its first failure.
-static RECORD_FAILURE: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS: the account's and the IP's sign-in counters. ARGV: window (ms), the account's
+/// limit, the IP's limit. Counts one attempt against both, unless either is at its limit
+/// (returns 0). Counted before the password is checked, in one step, so that concurrent
+/// guesses cannot all pass the check on the same count. A counter lives for one window from
+/// its first attempt.
+static TAKE_ATTEMPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[2])
+  or tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[3]) then
+  return 0
+end
 for i = 1, 2 do
   redis.call('INCR', KEYS[i])
   if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+end
+return 1
+"#,
+    )
+});
+
+/// KEYS: the account's and the IP's sign-in counters. ARGV: "forgive" (the password was
+/// right: the account's failures go, the IP gets this attempt back) or "return" (the
+/// password was never checked: both get it back).
+static SETTLE_ATTEMPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local first = 1
+if ARGV[1] == 'forgive' then
+  redis.call('DEL', KEYS[1])
+  first = 2
+end
+for i = first, 2 do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') > 0 then redis.call('DECR', KEYS[i]) end
 end
 return 0
 "#,
@@ -186,34 +212,46 @@ impl RedisStore {
             .await
     }
 
-    /// Failed sign-ins within the current window: (for this account, from this IP).
-    pub async fn signin_failures(&self, gm: GmId, ip: IpAddr) -> Result<(u64, u64), RelayError> {
-        let (by_gm, by_ip): (Option<u64>, Option<u64>) =
-            self.cmd(redis::cmd("MGET").arg(keys::failures_of_gm(gm)).arg(keys::failures_of_ip(ip))).await?;
-        Ok((by_gm.unwrap_or(0), by_ip.unwrap_or(0)))
-    }
-
-    /// Counts a failed sign-in against the account and the IP for `window`.
-    pub async fn record_signin_failure(
+    /// Counts a sign-in attempt against the account and the IP for `window`, unless either
+    /// has reached its limit (then returns false and counts nothing). An attempt counts as
+    /// a failure until [`RedisStore::settle_signin_attempt`] says otherwise.
+    pub async fn take_signin_attempt(
         &self,
         gm: GmId,
         ip: IpAddr,
         window: Duration,
-    ) -> Result<(), RelayError> {
-        let _: i64 = RECORD_FAILURE
+        (max_by_gm, max_by_ip): (u64, u64),
+    ) -> Result<bool, RelayError> {
+        let taken: i64 = TAKE_ATTEMPT
             .key(keys::failures_of_gm(gm))
             .key(keys::failures_of_ip(ip))
             .arg(window.as_millis() as u64)
+            .arg(max_by_gm)
+            .arg(max_by_ip)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(taken == 1)
+    }
+
+    /// An attempt that was not a failure: the right password forgives the account's
+    /// failures and gives the IP its attempt back (one address guessing many accounts
+    /// stays limited, an office signing in does not use up its allowance); an attempt
+    /// whose password was never checked (no hashing slot) is given back to both.
+    pub async fn settle_signin_attempt(
+        &self,
+        gm: GmId,
+        ip: IpAddr,
+        signed_in: bool,
+    ) -> Result<(), RelayError> {
+        let _: i64 = SETTLE_ATTEMPT
+            .key(keys::failures_of_gm(gm))
+            .key(keys::failures_of_ip(ip))
+            .arg(if signed_in { "forgive" } else { "return" })
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
         Ok(())
-    }
-
-    /// A successful sign-in forgives the account's failures (not the IP's: one address
-    /// guessing many accounts stays limited).
-    pub async fn clear_signin_failures(&self, gm: GmId) -> Result<(), RelayError> {
-        self.cmd::<i64>(redis::cmd("DEL").arg(keys::failures_of_gm(gm))).await.map(drop)
     }
 
     /// The GM's name and presence, or None when the account does not exist.
