@@ -12,6 +12,7 @@ use std::time::Duration;
 use gm_relay::config::Config;
 use gm_relay::console::accounts::{MAX_FAILURES_PER_ACCOUNT, MAX_FAILURES_PER_IP};
 use gm_relay::console::monitor::MAX_API_CALLS_PER_REFRESH;
+use gm_relay::console::MAX_LIVE_FEEDS_PER_ACCOUNT;
 use gm_relay::domain::session::Role;
 use gm_relay::startup::Application;
 use serde_json::{json, Value};
@@ -214,6 +215,53 @@ async fn sign_ins_that_succeed_do_not_use_up_the_ip_limit() {
         let mut c = ConsoleClient::for_app(&app);
         assert_eq!(c.sign_in(7, PASSWORD).await.status, 200, "sign-in {i}");
     }
+}
+
+/// Writes that take no body cannot be sent as a form (what another site can make a browser
+/// do): marking read and signing out need the JSON content type like every other write.
+#[tokio::test]
+async fn bodyless_writes_cannot_be_forged_as_forms() {
+    let app = spawn_console(&[]).await;
+    let c = signed_in(&app, 7, Role::Gm).await;
+    app.add(7, 3, 1001).await;
+    assert_eq!(app.gs_send(1001, "p1").await.res(), 1);
+    let unread = |me: Value| me["view"]["players"][0]["unread"].clone();
+    assert_eq!(unread(c.get("/console/api/me").await.json), json!(1));
+
+    let forged = c.post_form("/console/api/players/1001/read").await;
+    assert_eq!(
+        (forged.status, forged.json["error"].as_str()),
+        (415, Some("writes must be JSON (Content-Type: application/json)"))
+    );
+    assert_eq!(unread(c.get("/console/api/me").await.json), json!(1), "still unread");
+    assert_eq!(c.post_form("/console/api/signout").await.status, 415);
+    assert_eq!(c.get("/console/api/me").await.status, 200, "still signed in");
+
+    assert_eq!(c.post("/console/api/players/1001/read", json!({})).await.status, 204);
+    assert_eq!(unread(c.get("/console/api/me").await.json), json!(0));
+}
+
+/// One account cannot take every live feed of a relay: past its own limit it is told to
+/// close some, while other GMs still get theirs.
+#[tokio::test]
+async fn one_account_cannot_take_every_live_feed() {
+    let app = spawn_console(&[]).await;
+    let alice = signed_in(&app, 7, Role::Gm).await;
+    let bob = signed_in(&app, 8, Role::Gm).await;
+    let mut open = Vec::new();
+    for _ in 0..MAX_LIVE_FEEDS_PER_ACCOUNT {
+        open.push(alice.events("/console/api/live", None).await);
+    }
+    let refused = alice.get("/console/api/live").await;
+    assert_eq!(refused.status, 429, "{refused:?}");
+    let _bobs = bob.events("/console/api/live", None).await;
+    // A closed feed gives its place back.
+    drop(open.pop());
+    // The relay notices a closed feed at its next write at the latest (a keep-alive).
+    wait_until_async(2 * WAIT, "a closed feed's place is free again", || async {
+        alice.status_only("/console/api/live").await == 200
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -485,9 +533,14 @@ async fn dashboard_shows_host_lag_and_its_cost_does_not_grow_with_open_pages() {
     let observer = async_nats::connect(app.nats.url()).await.expect("connect to NATS");
     let mut listings = observer.subscribe("$JS.API.CONSUMER.LIST.>").await.expect("subscribe");
     observer.flush().await.expect("flush");
+    // Several supervisors: one account holds at most MAX_LIVE_FEEDS_PER_ACCOUNT feeds.
+    let mut supervisors = vec![sup];
+    for gm in 2..=3 {
+        supervisors.push(signed_in(&app, gm, Role::Supervisor).await);
+    }
     let mut pages = Vec::new();
-    for _ in 0..20 {
-        pages.push(sup.events("/console/api/ops/live", None).await);
+    for i in 0..20 {
+        pages.push(supervisors[i % supervisors.len()].events("/console/api/ops/live", None).await);
     }
     for page in &mut pages {
         page.next().await;

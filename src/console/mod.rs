@@ -12,19 +12,55 @@ pub mod cli;
 pub mod gm_view;
 pub mod monitor;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::adapters::http::access::Access;
 use crate::adapters::http::AppRelay;
 use crate::domain::session::SessionKey;
+use crate::domain::GmId;
 use accounts::SignIn;
 use monitor::Monitor;
 
 /// Live feeds (one JetStream consumer each) open at once on one relay: a few per GM on
 /// duty, with room; past it a page is told to retry later instead of piling consumers up.
 pub const MAX_LIVE_FEEDS: usize = 512;
+
+/// Live feeds one account may hold open on one relay: a GM's tabs and devices, with room.
+/// Without it one session (a stuck script, a stolen cookie) could take every slot of
+/// [`MAX_LIVE_FEEDS`] and shut every other GM out.
+pub const MAX_LIVE_FEEDS_PER_ACCOUNT: usize = 8;
+
+/// Why no live feed could be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveFeedRefused {
+    /// The relay holds [`MAX_LIVE_FEEDS`].
+    RelayFull,
+    /// The account holds [`MAX_LIVE_FEEDS_PER_ACCOUNT`] on this relay.
+    AccountFull,
+}
+
+/// One open live feed's place: released when the feed ends.
+pub struct LiveFeedSlot {
+    _relay: OwnedSemaphorePermit,
+    gm: GmId,
+    per_account: Arc<Mutex<HashMap<GmId, usize>>>,
+}
+
+impl Drop for LiveFeedSlot {
+    fn drop(&mut self) {
+        let mut counts = self.per_account.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.gm) {
+            *n -= 1;
+            if *n == 0 {
+                // The map holds only accounts with a feed open: at most MAX_LIVE_FEEDS.
+                counts.remove(&self.gm);
+            }
+        }
+    }
+}
 
 /// The console's shared state.
 pub struct Console {
@@ -33,6 +69,7 @@ pub struct Console {
     signin: SignIn,
     monitor: Arc<Monitor>,
     live_feeds: Arc<Semaphore>,
+    live_feeds_per_account: Arc<Mutex<HashMap<GmId, usize>>>,
     closing: watch::Sender<bool>,
 }
 
@@ -48,6 +85,7 @@ impl Console {
             signin: SignIn::new(key),
             monitor,
             live_feeds: Arc::new(Semaphore::new(MAX_LIVE_FEEDS)),
+            live_feeds_per_account: Arc::default(),
             closing,
         })
     }
@@ -68,9 +106,22 @@ impl Console {
         &self.monitor
     }
 
-    /// A slot for one more live feed, if any is free.
-    pub fn live_feed_slot(&self) -> Option<OwnedSemaphorePermit> {
-        Arc::clone(&self.live_feeds).try_acquire_owned().ok()
+    /// A place for one more live feed of `gm`'s session, if the relay and the account
+    /// have one free.
+    pub fn live_feed_slot(&self, gm: GmId) -> Result<LiveFeedSlot, LiveFeedRefused> {
+        let mut counts = self.live_feeds_per_account.lock().unwrap_or_else(|p| p.into_inner());
+        let open = counts.entry(gm).or_insert(0);
+        if *open >= MAX_LIVE_FEEDS_PER_ACCOUNT {
+            return Err(LiveFeedRefused::AccountFull);
+        }
+        let Ok(permit) = Arc::clone(&self.live_feeds).try_acquire_owned() else {
+            if *open == 0 {
+                counts.remove(&gm);
+            }
+            return Err(LiveFeedRefused::RelayFull);
+        };
+        *open += 1;
+        Ok(LiveFeedSlot { _relay: permit, gm, per_account: Arc::clone(&self.live_feeds_per_account) })
     }
 
     /// The relay is shutting down: live feeds end (pages reconnect to another relay) and

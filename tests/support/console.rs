@@ -94,6 +94,12 @@ impl ConsoleClient {
         Self::reply(self.request(reqwest::Method::GET, path).send().await.expect("GET")).await
     }
 
+    /// The status of a GET, without reading the body (an event stream's never ends; it is
+    /// closed with the response).
+    pub async fn status_only(&self, path: &str) -> u16 {
+        self.request(reqwest::Method::GET, path).send().await.expect("GET").status().as_u16()
+    }
+
     pub async fn get_text(&self, path: &str) -> (u16, String) {
         let resp = self.request(reqwest::Method::GET, path).send().await.expect("GET");
         (resp.status().as_u16(), resp.text().await.expect("text"))
@@ -107,8 +113,18 @@ impl ConsoleClient {
         Self::reply(r.send().await.expect("POST")).await
     }
 
+    /// A POST as an HTML form sends it: what a page on another site can make a browser do.
+    pub async fn post_form(&self, path: &str) -> ApiReply {
+        let r = self
+            .request(reqwest::Method::POST, path)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("x=1");
+        Self::reply(r.send().await.expect("POST")).await
+    }
+
     pub async fn delete(&self, path: &str) -> ApiReply {
-        Self::reply(self.request(reqwest::Method::DELETE, path).send().await.expect("DELETE")).await
+        let r = self.request(reqwest::Method::DELETE, path).header("content-type", "application/json");
+        Self::reply(r.send().await.expect("DELETE")).await
     }
 
     /// Signs in; on success keeps the cookie. Returns the reply.

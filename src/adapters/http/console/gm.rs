@@ -175,7 +175,7 @@ struct LiveState<F> {
     feed: std::pin::Pin<Box<F>>,
     closing: tokio::sync::watch::Receiver<bool>,
     /// Held for the feed's life: it counts against the open-feed limit.
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: crate::console::LiveFeedSlot,
     /// Consecutive errors of the feed.
     errors: usize,
     recheck: tokio::time::Interval,
@@ -193,9 +193,7 @@ pub async fn live(
     let resume =
         headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
     let after = resume.or(q.after);
-    let slot = console
-        .live_feed_slot()
-        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many live feeds; retrying"))?;
+    let slot = console.live_feed_slot(session.gm)?;
     let feed = console.relay().bus().gm_feed(session.gm, after).await?;
     let closing = console.closing();
     let token = cookie_token(&headers).unwrap_or_default().to_owned();

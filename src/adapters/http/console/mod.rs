@@ -4,9 +4,9 @@
 //!
 //! Sessions are signed, HttpOnly, `SameSite=Strict` cookies (see
 //! [`crate::domain::session`]); each request also checks the account's credential version
-//! in Redis, so a new password ends older sessions at once. Writes are JSON POST/DELETE
-//! requests: a cross-site form can send neither that content type nor the cookie, which
-//! is what keeps them from being forged.
+//! in Redis, so a new password ends older sessions at once. Every write (POST, DELETE)
+//! must carry `Content-Type: application/json`, even one without a body: a cross-site form
+//! cannot send that content type, which is what keeps writes from being forged.
 
 mod assets;
 mod gm;
@@ -16,15 +16,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, FromRequestParts};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::console::Console;
+use crate::console::{Console, LiveFeedRefused};
 use crate::domain::event::now_ms;
 use crate::domain::session::{Role, Session, SESSION_TTL_S};
 use crate::domain::{Errno, RelayError};
@@ -59,7 +60,28 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/console/api/ops", get(ops::snapshot))
         .route("/console/api/ops/live", get(ops::live))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .route_layer(axum::middleware::from_fn(json_writes_only))
         .with_state(console)
+}
+
+/// Refuses a write that does not say it is JSON. A page on another site can make the
+/// browser send a form (a POST, with the cookie when that page is same-site, e.g. on
+/// another port of this host), but not with this content type without asking the console
+/// first (a CORS preflight, which the console never allows). Writes that take no body
+/// (sign-out, marking read) would otherwise be forgeable.
+async fn json_writes_only(request: Request, next: Next) -> Response {
+    let safe = matches!(*request.method(), Method::GET | Method::HEAD);
+    let json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if safe || json {
+        return next.run(request).await;
+    }
+    ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "writes must be JSON (Content-Type: application/json)")
+        .into_response()
 }
 
 /// An API failure: a status and a JSON body `{"error": "...", "errno": N}`. Backend
@@ -104,6 +126,20 @@ impl From<RelayError> for ApiError {
                 };
                 ApiError { status, message: errno.reason().into(), errno: Some(errno.code()) }
             }
+        }
+    }
+}
+
+impl From<LiveFeedRefused> for ApiError {
+    fn from(refused: LiveFeedRefused) -> Self {
+        match refused {
+            LiveFeedRefused::RelayFull => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many live feeds; retrying")
+            }
+            LiveFeedRefused::AccountFull => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many live pages open for this account; close some",
+            ),
         }
     }
 }

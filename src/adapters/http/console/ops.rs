@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -29,12 +29,10 @@ pub async fn snapshot(
 /// shuts down. While open it keeps the refresher going.
 pub async fn live(
     State(console): State<Arc<Console>>,
-    SupervisorSession(_): SupervisorSession,
+    SupervisorSession(supervisor): SupervisorSession,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let slot = console
-        .live_feed_slot()
-        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many live feeds; retrying"))?;
+    let slot = console.live_feed_slot(supervisor.gm)?;
     console.monitor().watch();
     let figures = console.monitor().subscribe();
     let closing = console.closing();

@@ -7,9 +7,11 @@ const Console = {
   // whose message is the server's. A 401 sends the page to the sign-in form.
   async api(method, path, body) {
     const init = { method, headers: {}, credentials: "same-origin" };
-    if (body !== undefined) {
+    if (method !== "GET") {
+      // Every write says it is JSON, even without a body: the server refuses writes that
+      // do not (a forged cross-site form cannot say so).
       init.headers["Content-Type"] = "application/json";
-      init.body = JSON.stringify(body);
+      init.body = JSON.stringify(body === undefined ? {} : body);
     }
     const res = await fetch("/console/api" + path, init);
     if (res.status === 401 && path !== "/signin") {
