@@ -143,9 +143,7 @@ impl Config {
                 "GM_RELAY_GS_LIST_REFRESH_S",
                 &get("GM_RELAY_GS_LIST_REFRESH_S"),
             )?),
-            role_info_url: opt("GM_RELAY_ROLE_INFO_URL")
-                .map(|u| url_like("GM_RELAY_ROLE_INFO_URL", u, &["http://", "https://"]))
-                .transpose()?,
+            role_info_url: opt("GM_RELAY_ROLE_INFO_URL").map(role_template).transpose()?,
             role_timeout: Duration::from_millis(at_most(
                 "GM_RELAY_ROLE_TIMEOUT_MS",
                 &get("GM_RELAY_ROLE_TIMEOUT_MS"),
@@ -239,13 +237,31 @@ fn url_like(key: &str, v: String, schemes: &[&str]) -> Result<String, ConfigErro
     }
 }
 
+/// The role service's URL template: without both placeholders every `add` would ask about
+/// the same player (the original's `%s` template, copied as it was, is the likely case).
+fn role_template(v: String) -> Result<String, ConfigError> {
+    const KEY: &str = "GM_RELAY_ROLE_INFO_URL";
+    let v = url_like(KEY, v, &["http://", "https://"])?;
+    if !(v.contains("{uid}") && v.contains("{host}")) {
+        return Err(invalid(
+            KEY,
+            "expected a template with {uid} and {host}, e.g. http://roles/info?uid={uid}&hostnum={host}",
+        ));
+    }
+    Ok(v)
+}
+
 fn path(key: &str, v: String) -> Result<String, ConfigError> {
     let reserved = ["/healthz", "/readyz", "/metrics"];
     // The console owns everything under /console.
     let console = v == "/console" || v.starts_with("/console/");
+    // The router reads `{name}` as a parameter and refuses segments starting with `:` or
+    // `*` (its old syntax): such a path is meant literally by nobody.
+    let router_syntax = v.contains(['{', '}']) || v.split('/').any(|seg| seg.starts_with([':', '*']));
     if !v.starts_with('/')
         || v.len() < 2
         || v.contains(['?', '#', ' '])
+        || router_syntax
         || reserved.contains(&v.as_str())
         || console
     {
@@ -343,6 +359,12 @@ mod tests {
             ("GM_RELAY_RATE_GM_PER_S", "-3"),
             ("GM_RELAY_GM_PATH", "gm"),
             ("GM_RELAY_GS_PATH", "/console/x"),
+            ("GM_RELAY_GM_PATH", "/gm/:x"),
+            ("GM_RELAY_GM_PATH", "/gm/*rest"),
+            ("GM_RELAY_GS_PATH", "/{a}"),
+            ("GM_RELAY_GS_PATH", "/gs}"),
+            ("GM_RELAY_ROLE_INFO_URL", "http://roles?uid=%s&hostnum=%s"),
+            ("GM_RELAY_ROLE_INFO_URL", "http://roles?uid={uid}"),
             ("GM_RELAY_SESSION_KEY", "too-short"),
             ("GM_RELAY_WORKER_THREADS", "0"),
             ("GM_RELAY_WORKER_THREADS", "65"),
@@ -351,6 +373,21 @@ mod tests {
             assert_eq!(e.key, k, "{e}");
             assert!(e.to_string().starts_with(&format!("invalid setting {k}: ")));
         }
+    }
+
+    #[test]
+    fn accepted_paths_and_templates() {
+        let c = with(&[
+            ("GM_RELAY_GM_PATH", "/chat/gm.php"),
+            ("GM_RELAY_GS_PATH", "/chat/gs-x_1"),
+            ("GM_RELAY_ROLE_INFO_URL", "https://roles/info?uid={uid}&hostnum={host}"),
+        ])
+        .unwrap();
+        // The router takes them as they are (it panics on a path it cannot read).
+        let _ = axum::Router::<()>::new()
+            .route(&c.gm_path, axum::routing::get(|| async { "" }))
+            .route(&c.gs_path, axum::routing::get(|| async { "" }));
+        assert_eq!(c.role_info_url.as_deref(), Some("https://roles/info?uid={uid}&hostnum={host}"));
     }
 
     #[test]

@@ -69,6 +69,9 @@ const OUTBOX_DRAIN_DEADLINE: Duration = Duration::from_secs(60);
 /// at most a few seconds of copies.
 const HISTORY_FLUSH_WAIT: Duration = Duration::from_secs(30);
 
+/// Bound on the last flush of the import's connection before it reports.
+const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(5);
+
 /// Pause between looks at an outbox that another relay is draining.
 const OUTBOX_RECHECK: Duration = Duration::from_millis(50);
 
@@ -770,7 +773,11 @@ pub async fn execute(
     if !relay.bus().flush_history(HISTORY_FLUSH_WAIT).await {
         tracing::warn!("some imported messages may be missing from the console history");
     }
-    let _ = relay.bus().client().flush().await;
+    // Bounded: without a connection the flush would wait for one forever, and the import's
+    // work (every PubAck) is already done.
+    if tokio::time::timeout(FINAL_FLUSH_WAIT, relay.bus().client().flush()).await.is_err() {
+        tracing::warn!("NATS did not confirm the final flush; every import write was already acknowledged");
+    }
     Ok(report)
 }
 
