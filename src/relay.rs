@@ -52,8 +52,24 @@ pub const RESYNC_PAGES_PER_HOST_PER_S: u32 = 20;
 /// to finish. Past it the poll answers empty: nothing was taken, so nothing is lost.
 const POLL_TURN_WAIT: Duration = Duration::from_secs(2);
 
-/// Pause between attempts to take a poll lease held by another relay.
+/// First pause between attempts to take a poll lease held by another poll; it doubles
+/// up to [`POLL_LEASE_RETRY_MAX`]. A poll holds its lease for milliseconds, so the first
+/// retries come quickly, and a waiting poll asks Redis a few dozen times at most.
 const POLL_LEASE_RETRY: Duration = Duration::from_millis(5);
+
+/// Longest pause between attempts to take a held poll lease.
+const POLL_LEASE_RETRY_MAX: Duration = Duration::from_millis(100);
+
+/// A poll starts no further fetch round after this much of [`POLL_FETCH_BUDGET`]: each
+/// round takes at most the NATS adapter's 2 s fetch bound, so a healthy round is never cut
+/// by the budget (which would leave the lease to expire), only one that hangs.
+const POLL_ROUND_START_BUDGET: Duration = Duration::from_secs(1);
+
+/// How long a GM send or a friend add waits to make sure the host's native consumer
+/// exists. The consumer delivers from the start of the stream whenever it is created, so
+/// neither needs it in place: a JetStream API that is slow or without a leader delays
+/// their replies by at most this.
+const HOST_CONSUMER_WAIT: Duration = Duration::from_millis(500);
 
 /// A poll lease outlives the longest poll (the fetch budget and the settle are each bounded
 /// well below this), so a relay that dies mid-poll blocks its feed for at most this long.
@@ -160,9 +176,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         // Before the host's first event reaches a reader, its native consumer must exist;
         // it delivers everything from the start of the stream, so creating it here, right
         // after the commit, misses nothing.
-        if let Err(e) = self.bus.ensure_host_consumer(host).await {
-            tracing::warn!(%host, error = %e, "could not create the host's native consumer; will retry");
-        }
+        self.ensure_host_consumer(host).await;
         self.await_published(seq).await;
         Ok(())
     }
@@ -194,12 +208,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         if !self.gm_rate.allow(&gm) {
             return Err(Errno::RateLimited.into());
         }
-        // The native consumer delivers from the start of the stream whenever it is
-        // created, so a send need not wait for it (as `add` does not): legacy polls read
-        // their own consumers, and the next send or friend change creates it.
-        if let Err(e) = self.bus.ensure_host_consumer(host).await {
-            tracing::warn!(%host, error = %e, "could not create the host's native consumer; will retry");
-        }
+        self.ensure_host_consumer(host).await;
         let event = Envelope::chat(new_event_id(), host, uid, gm, text.as_str(), now_ms());
         let stored = self.bus.publish_chat(Route::ToHost(host), &event).await?;
         Ok(Sent { id: event.id, host, seq: stored.seq })
@@ -287,9 +296,11 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             return Ok(PollTicket::empty());
         };
         let give_up = turn.asked_at + POLL_FETCH_BUDGET;
+        let last_start = turn.asked_at + POLL_ROUND_START_BUDGET;
         // From here the turn and whatever is fetched are owned by a settlement, so a
         // request dropped mid-fetch (the client went away, the request timed out) naks
-        // them and ends the turn, as for a reply that was not written.
+        // what it received and ends the turn, leaving the lease to expire: a round cut
+        // part-way may have been handed more than it received.
         let mut fetching = Fetching {
             settlement: Some(Settlement {
                 relay: Arc::clone(self),
@@ -339,7 +350,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             let planned_now = plan_in_order(&mut fetching.deliveries, &plan);
             let full = planned_now.0.entries() >= POLL_MAX;
             planned = Some(planned_now);
-            if !more || full || tokio::time::Instant::now() >= give_up {
+            if !more || full || tokio::time::Instant::now() >= last_start {
                 break;
             }
         }
@@ -351,6 +362,21 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         let mut settlement = fetching.settlement.take().expect("the settlement is taken once, here");
         settlement.settles = deliveries.into_iter().zip(settles).map(|(d, s)| (d.handle, s)).collect();
         Ok(PollTicket { reply, settlement: Some(settlement) })
+    }
+
+    /// Makes sure `host`'s native consumer exists, within [`HOST_CONSUMER_WAIT`]; a failure
+    /// is logged, not returned: the consumer delivers from the start of the stream whenever
+    /// the next send, friend change or outbox drain creates it, so nothing is missed.
+    async fn ensure_host_consumer(&self, host: HostId) {
+        match tokio::time::timeout(HOST_CONSUMER_WAIT, self.bus.ensure_host_consumer(host)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(%host, error = %e, "could not create the host's native consumer; will retry");
+            }
+            Err(_) => {
+                tracing::warn!(%host, "the host's native consumer was not confirmed in time; will retry")
+            }
+        }
     }
 
     async fn take_turn(&self, feed: Feed) -> Result<Option<Turn>, RelayError> {
@@ -368,6 +394,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             return Ok(None);
         };
         let lease_name = format!("poll:{}", feed.key());
+        let mut pause = POLL_LEASE_RETRY;
         loop {
             // Taken before asking: the lease's time runs from when the store set it, which
             // is no earlier than this.
@@ -375,10 +402,15 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             if let Some(token) = self.store.try_lease(&lease_name, POLL_LEASE_TTL).await? {
                 return Ok(Some(Turn { _guard: guard, lease_name, token, asked_at }));
             }
-            if tokio::time::Instant::now() + POLL_LEASE_RETRY > deadline {
+            // A lease left to expire (see POLL_LEASE_TTL) is held for seconds: when it
+            // outlasts this poll's wait, answer now rather than ask again until then.
+            let now = tokio::time::Instant::now();
+            let left = self.store.lease_time_left(&lease_name).await?;
+            if left.is_some_and(|left| now + left > deadline) || now + pause > deadline {
                 return Ok(None);
             }
-            tokio::time::sleep(POLL_LEASE_RETRY).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(POLL_LEASE_RETRY_MAX);
         }
     }
 

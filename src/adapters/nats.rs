@@ -142,7 +142,10 @@ const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// `relay::POLL_LEASE_TTL`): when the lease expires, what the poll was handed is already
 /// due again, and the next poll gets it before anything newer, in stream order. Were it
 /// longer, the next polls would serve newer events first and the old ones after (a friend
-/// add after the remove that undid it).
+/// add after the remove that undid it). One window is left: a pull request queued by the
+/// client while its connection drops is sent after the reconnect, possibly after the
+/// lease; what the broker then hands to the gone inbox comes back 10 s later, behind
+/// whatever the polls in between served.
 pub const LEGACY_ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// Events fetched but not yet acked per legacy consumer: one poll's worth (1,000) plus

@@ -450,6 +450,12 @@ impl FriendStore for RedisStore {
         Ok(renewed == 1)
     }
 
+    async fn lease_time_left(&self, name: &str) -> Result<Option<Duration>, RelayError> {
+        // -2: no such key; -1: no expiry (never set by this code).
+        let ms: i64 = self.cmd(redis::cmd("PTTL").arg(keys::lease(name))).await?;
+        Ok(u64::try_from(ms).ok().map(Duration::from_millis))
+    }
+
     async fn release_lease(&self, name: &str, token: &LeaseToken) -> Result<(), RelayError> {
         let _: i64 = self
             .scripts

@@ -220,6 +220,12 @@ pub trait FriendStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<Option<LeaseToken>, RelayError>> + Send;
 
+    /// How much longer the named lease is held, if it is.
+    fn lease_time_left(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Duration>, RelayError>> + Send;
+
     /// Extends a held lease; false if it was lost.
     fn renew_lease(
         &self,

@@ -384,6 +384,10 @@ async fn a_poll_whose_fetch_goes_unanswered_leaves_its_lease_to_expire() {
     let app = TestApp::spawn().await;
     befriended(&app).await;
     gm_send_ok(&app, 1001, "first").await;
+    // A poll before the freeze: the relay knows the feed's consumer, so the frozen poll's
+    // fetch request goes out.
+    app.gs_receive(HOST).await;
+    gm_send_ok(&app, 1001, "second").await;
     app.wait_polls_settled(DEADLINE).await;
     let relay = app.relay();
     let frozen = Frozen::new(app.nats.pid().expect("nats-server runs"));
@@ -395,8 +399,13 @@ async fn a_poll_whose_fetch_goes_unanswered_leaves_its_lease_to_expire() {
     let ttl = host_chat_lease_ttl(&app).await;
     assert!(ttl.is_some_and(|t| t > Duration::ZERO), "the lease was released: {ttl:?}");
     drop(frozen);
-    gm_send_ok(&app, 1001, "second").await;
-    // Polls answer empty until the lease is gone, then get both, oldest first.
+    gm_send_ok(&app, 1001, "third").await;
+    // Meanwhile polls answer empty at once, without waiting out their turn (2 s) for a
+    // lease that outlasts it.
+    let started = Instant::now();
+    assert_eq!(app.gs_receive(HOST).await, vec![]);
+    assert!(started.elapsed() < Duration::from_millis(1500), "the poll took {:?}", started.elapsed());
+    // Then the next poll gets both, oldest first.
     let got = std::sync::Mutex::new(BTreeMap::new());
     wait_until_async(POLL_LEASE_TTL + DEADLINE, "the host gets its messages", || {
         let got = &got;
@@ -405,12 +414,12 @@ async fn a_poll_whose_fetch_goes_unanswered_leaves_its_lease_to_expire() {
             let reply = app.gs_receive(HOST).await;
             let mut got = got.lock().unwrap();
             absorb_host(&mut got, reply);
-            got.values().flatten().any(|t| t == "second")
+            got.values().flatten().any(|t| t == "third")
         }
     })
     .await;
     let got = got.into_inner().unwrap();
-    assert_eq!(got.get("1001"), Some(&vec!["first".to_owned(), "second".to_owned()]));
+    assert_eq!(got.get("1001"), Some(&vec!["second".to_owned(), "third".to_owned()]));
     assert_eq!(app.gs_receive(HOST).await, vec![], "nothing comes again");
 }
 
