@@ -18,7 +18,7 @@
 //! | `gmr:lease:<name>` | string | lease holder's token, with a TTL |
 //! | `gmr:gm:<gm>:password` | hash | console account: `phc` (argon2 hash), `role` (`gm`/`supervisor`), `ver` (bumped per new password) |
 //! | `gmr:gm:<gm>:read` | hash | console read marks: uid → history sequence of the last player message read |
-//! | `gmr:signin_fail:gm:<gm>` / `gmr:signin_fail:ip:<ip>` | string | failed console sign-ins, expiring one window after the first |
+//! | `gmr:signin_fail:gm:<gm>` / `gmr:signin_fail:ip:<ip>` | string | console sign-in attempts not proved right (failed, or being checked), expiring one window after the first |
 //! | `gmr:signed_out:<mac>` | string | a console session signed out (by its token's signature), expiring when the token would |
 //!
 //! The console's keys and scripts are in [`console`].

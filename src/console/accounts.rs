@@ -152,8 +152,9 @@ impl SignIn {
             tracing::warn!(%gm, %ip, "console sign-in refused: too many failures");
             return Err(SignInError::Limited);
         }
-        // From here the attempt counts as a failure unless settled otherwise.
+        let attempt = Attempt { store: store.clone(), gm, ip, judged: false };
         if password.len() > MAX_PASSWORD_BYTES {
+            attempt.failed();
             return Err(SignInError::Refused);
         }
         let credentials = store.credentials(gm).await?;
@@ -161,8 +162,6 @@ impl SignIn {
         let Ok(Ok(permit)) =
             tokio::time::timeout(HASH_SLOT_WAIT, Arc::clone(&self.hashing).acquire_owned()).await
         else {
-            // Not a guess: the password was never checked.
-            store.settle_signin_attempt(gm, ip, false).await?;
             return Err(SignInError::Busy);
         };
         let candidate = password.to_owned();
@@ -171,21 +170,18 @@ impl SignIn {
             verify_password(&candidate, &phc)
         })
         .await;
-        let matches = match checked {
-            Ok(matches) => matches,
-            Err(e) => {
-                // A panic in the check is our fault, not a wrong password: not counted
-                // against the account, answered as "try again".
-                tracing::error!(%gm, error = %e, "console password check failed");
-                store.settle_signin_attempt(gm, ip, false).await?;
-                return Err(SignInError::Busy);
-            }
-        };
+        let matches = checked.map_err(|e| {
+            // A panic in the check is our fault, not a wrong password: not counted
+            // against the account, answered as "try again".
+            tracing::error!(%gm, error = %e, "console password check failed");
+            SignInError::Busy
+        })?;
         let Some(credentials) = credentials.filter(|_| matches) else {
+            attempt.failed();
             tracing::info!(%gm, %ip, "console sign-in failed");
             return Err(SignInError::Refused);
         };
-        store.settle_signin_attempt(gm, ip, true).await?;
+        attempt.succeeded().await;
         let session = Session {
             gm,
             role: credentials.role,
@@ -196,6 +192,47 @@ impl SignIn {
         };
         tracing::info!(%gm, role = credentials.role.as_str(), "console sign-in");
         Ok((session, self.key.sign(&session)))
+    }
+}
+
+/// A sign-in attempt counted against the account and the IP, not yet judged. Dropped
+/// unjudged (the password was never checked: no hashing slot, a backend error, the request
+/// went away), it is given back in the background.
+struct Attempt {
+    store: RedisStore,
+    gm: GmId,
+    ip: IpAddr,
+    judged: bool,
+}
+
+impl Attempt {
+    /// A wrong password, or one too long to check: the attempt stays counted.
+    fn failed(mut self) {
+        self.judged = true;
+    }
+
+    /// The right password: the account's failures go and the IP gets the attempt back. A
+    /// failure here is logged: the sign-in itself stands.
+    async fn succeeded(mut self) {
+        self.judged = true;
+        if let Err(e) = self.store.settle_signin_attempt(self.gm, self.ip, true).await {
+            tracing::warn!(gm = %self.gm, error = %e, "could not clear the sign-in failure counts");
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if self.judged {
+            return;
+        }
+        let (store, gm, ip) = (self.store.clone(), self.gm, self.ip);
+        runtime.spawn(async move {
+            if let Err(e) = store.settle_signin_attempt(gm, ip, false).await {
+                tracing::warn!(%gm, error = %e, "could not give back an unjudged sign-in attempt");
+            }
+        });
     }
 }
 
