@@ -445,3 +445,46 @@ async fn a_poll_whose_acks_fail_leaves_its_lease_to_expire() {
     assert!(ttl.is_some_and(|t| t > Duration::ZERO), "the lease was released: {ttl:?}");
     drop(frozen);
 }
+
+/// A poll's events are acked only once its reply is on the wire: a client that resets the
+/// connection while a large reply is still being written gets every event again on its
+/// next poll. (hyper takes a reply's body into its buffer and lets the body go before it
+/// writes it to the socket; acking then would lose what the client never read.)
+#[tokio::test]
+async fn a_reply_the_client_cut_off_is_served_again() {
+    use gm_relay::domain::ports::{EventBus, Route};
+    use gm_relay::domain::{Envelope, GmId, HostId, Uid};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PLAYERS: i64 = 200;
+    const PER_PLAYER: usize = 10;
+    let app = TestApp::spawn().await;
+    let relay = app.relay();
+    let bus = relay.bus();
+    // The longest text there is: 500 four-byte characters.
+    let text = "😀".repeat(500);
+    let sends = (0..PLAYERS).flat_map(|p| (0..PER_PLAYER).map(move |i| (p, i))).map(|(p, i)| {
+        let text = text.as_str();
+        async move {
+            let event =
+                Envelope::chat(format!("cut-{p}-{i}"), HostId(HOST), Uid(1000 + p), GmId(GM), text, 0);
+            bus.publish_chat(Route::ToGm(GmId(GM)), &event).await.expect("stored");
+        }
+    });
+    futures::future::join_all(sends).await;
+
+    // The reply holds 2,000 texts of 2,000 bytes, base64 twice: about 7 MB, more than the
+    // sockets' buffers take from a client that does not read (the relay's send buffer
+    // grows to at most 4 MiB here).
+    let mut client = tokio::net::TcpStream::connect(app.addr()).await.expect("connect");
+    client.write_all(b"GET /gm?action=receive HTTP/1.1\r\nHost: relay\r\n\r\n").await.expect("request");
+    let mut first = [0u8; 1024];
+    let n = tokio::time::timeout(DEADLINE, client.read(&mut first)).await.expect("a reply").expect("read");
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&first[..n]));
+    // Reset, not close: the relay's next write fails at once.
+    #[allow(deprecated)] // deprecated for blocking on close; a zero linger resets at once
+    client.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+    drop(client);
+
+    let got = drain_gm_chat(&app, PLAYERS as usize * PER_PLAYER).await;
+    assert_eq!(got.len(), PLAYERS as usize, "every conversation comes again");
+}

@@ -10,16 +10,20 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use futures::future::BoxFuture;
 use http_body::{Frame, SizeHint};
 use serde::Serialize;
+use tokio::sync::oneshot;
 
 use super::query::LegacyQuery;
+use super::server::WriteWatch;
 use super::{pyjson, AppSettlement, AppState};
 use crate::domain::poll::{Conversation, RelationChanges};
 use crate::domain::text::encode_base64;
@@ -50,19 +54,21 @@ impl Side {
 pub async fn gm(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    watch: Option<Extension<WriteWatch>>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    handle(state, Side::Gm, peer.ip(), &headers, &uri).await
+    handle(state, Side::Gm, peer.ip(), watch.map(|Extension(w)| w), &headers, &uri).await
 }
 
 pub async fn gs(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    watch: Option<Extension<WriteWatch>>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    handle(state, Side::Gs, peer.ip(), &headers, &uri).await
+    handle(state, Side::Gs, peer.ip(), watch.map(|Extension(w)| w), &headers, &uri).await
 }
 
 /// The `text/html` every legacy reply carries, exactly, as the original sent it.
@@ -100,7 +106,14 @@ fn escape_html(raw: &[u8]) -> Vec<u8> {
     out
 }
 
-async fn handle(state: AppState, side: Side, peer: IpAddr, headers: &HeaderMap, uri: &Uri) -> Response {
+async fn handle(
+    state: AppState,
+    side: Side,
+    peer: IpAddr,
+    watch: Option<WriteWatch>,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Response {
     let raw = uri.query().unwrap_or("");
     if raw.len() > MAX_QUERY_BYTES {
         state.metrics.requests.with_label_values(&[side.label(), "-", "too_long"]).inc();
@@ -165,7 +178,8 @@ async fn handle(state: AppState, side: Side, peer: IpAddr, headers: &HeaderMap, 
     }
     match outcome {
         Ok(Reply::Json(body)) => html(StatusCode::OK, body),
-        Ok(Reply::Poll(body)) => {
+        Ok(Reply::Poll(mut body)) => {
+            body.watch = watch;
             let mut r = Response::new(Body::new(body));
             legacy_headers(r.headers_mut());
             r
@@ -348,19 +362,34 @@ async fn gs_relation(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayEr
     Ok(Reply::Poll(PollBody::new(body, settlement)))
 }
 
-/// A poll's reply body. The poll's acks follow the written reply: when hyper has taken the
-/// bytes, dropping the body settles as planned; a body dropped unsent (client gone) naks
-/// everything so the next poll gets it again.
+/// A reply whose bytes are not on the wire within this counts as not written: its events
+/// are nak'd and come again (at least once). Well under the poll lease (15 s), which the
+/// turn holds meanwhile; a client reading a large reply this slowly is one that stalls.
+const REPLY_WRITE_WAIT: Duration = Duration::from_secs(10);
+
+/// A poll's reply body. The poll's acks follow the written reply: once the connection has
+/// written the bytes to the socket (its [`WriteWatch`]), the poll settles as planned; a
+/// body dropped unsent, or a connection that closes (or stalls) before the bytes are out,
+/// naks everything so the next poll gets it again.
 pub struct PollBody {
     data: Option<Bytes>,
     len: u64,
-    sent: bool,
     settlement: Option<AppSettlement>,
+    /// The request's connection; without one (a router driven directly, in tests) taking
+    /// the bytes counts as writing them.
+    watch: Option<WriteWatch>,
+    /// Set once hyper took the bytes: resolves when they are written.
+    written: Option<WhenWritten>,
+}
+
+enum WhenWritten {
+    Taken,
+    Watched(oneshot::Receiver<()>),
 }
 
 impl PollBody {
     fn new(body: Vec<u8>, settlement: Option<AppSettlement>) -> Self {
-        Self { len: body.len() as u64, data: Some(Bytes::from(body)), sent: false, settlement }
+        Self { len: body.len() as u64, data: Some(Bytes::from(body)), settlement, watch: None, written: None }
     }
 }
 
@@ -375,7 +404,12 @@ impl http_body::Body for PollBody {
         let this = self.get_mut();
         match this.data.take() {
             Some(data) => {
-                this.sent = true;
+                // Asked before hyper can write the bytes, so the flush that writes them
+                // is one this waits for.
+                this.written = Some(match &this.watch {
+                    Some(watch) => WhenWritten::Watched(watch.written()),
+                    None => WhenWritten::Taken,
+                });
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
             None => Poll::Ready(None),
@@ -393,8 +427,21 @@ impl http_body::Body for PollBody {
 
 impl Drop for PollBody {
     fn drop(&mut self) {
-        if let Some(settlement) = self.settlement.take() {
-            settlement.finish(self.sent);
+        let Some(settlement) = self.settlement.take() else { return };
+        match self.written.take() {
+            None => drop(settlement.finish(false)),
+            Some(WhenWritten::Taken) => drop(settlement.finish(true)),
+            Some(WhenWritten::Watched(written)) => {
+                // The settlement holds the feed's turn until then, so the next poll starts
+                // after these acks or naks, as always.
+                tokio::spawn(async move {
+                    let written = matches!(tokio::time::timeout(REPLY_WRITE_WAIT, written).await, Ok(Ok(())));
+                    if !written {
+                        tracing::warn!("a poll reply was not written to its client; its events come again");
+                    }
+                    let _ = settlement.finish(written).await;
+                });
+            }
         }
     }
 }

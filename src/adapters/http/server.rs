@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Sleep;
 use tower::ServiceExt;
 
@@ -96,11 +96,13 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ServerLimits, sto
             }
         };
         let app = app.clone();
+        let watch = WriteWatch::default();
+        let stream = StallBounded::new(stream, limits.write_stall_timeout, watch.clone());
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
+            request.extensions_mut().insert(watch.clone());
             app.clone().oneshot(request.map(Body::new))
         });
-        let stream = StallBounded::new(stream, limits.write_stall_timeout);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -114,18 +116,61 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ServerLimits, sto
     graceful.shutdown().await;
 }
 
+/// Tells a reply when its bytes are on the wire. hyper takes a reply's body into its write
+/// buffer and lets the body go before it writes the buffer to the socket; a legacy poll
+/// must ack what its reply holds only once the reply is written (a client that resets
+/// mid-reply gets those events again), so it asks this, its connection's watch, which
+/// every request carries as an extension. A flush of the connection that completes means
+/// hyper's buffer, and with it every reply taken before, went to the socket.
+#[derive(Clone, Default)]
+pub struct WriteWatch(Arc<Mutex<Waiters>>);
+
+#[derive(Default)]
+struct Waiters {
+    /// At most one per request in flight on the connection: one, with HTTP/1.1.
+    waiting: Vec<oneshot::Sender<()>>,
+    closed: bool,
+}
+
+impl WriteWatch {
+    /// Resolves once everything the connection has taken so far is written; fails once
+    /// the connection closes first.
+    pub fn written(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let mut waiters = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !waiters.closed {
+            waiters.waiting.push(tx);
+        }
+        rx
+    }
+
+    fn flushed(&self) {
+        let mut waiters = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for tx in waiters.waiting.drain(..) {
+            let _ = tx.send(());
+        }
+    }
+
+    fn closed(&self) {
+        let mut waiters = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        waiters.closed = true;
+        waiters.waiting.clear();
+    }
+}
+
 /// A connection whose writes fail once one has been pending for `limit` without progress.
 /// The timer is armed only when a write cannot proceed (the send buffer is full), so the
-/// common path costs one branch.
+/// common path costs one branch. It also tells its [`WriteWatch`] of completed flushes.
 struct StallBounded<S> {
     inner: S,
     limit: Duration,
     stalled: Option<Pin<Box<Sleep>>>,
+    watch: WriteWatch,
 }
 
 impl<S> StallBounded<S> {
-    fn new(inner: S, limit: Duration) -> Self {
-        StallBounded { inner, limit, stalled: None }
+    fn new(inner: S, limit: Duration, watch: WriteWatch) -> Self {
+        StallBounded { inner, limit, stalled: None, watch }
     }
 
     /// Called with a write's outcome: progress disarms the timer, a pending write arms it
@@ -177,12 +222,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallBounded<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let outcome = Pin::new(&mut self.inner).poll_flush(cx);
-        self.bound(cx, outcome)
+        let outcome = self.bound(cx, outcome);
+        if matches!(outcome, Poll::Ready(Ok(()))) {
+            self.watch.flushed();
+        }
+        outcome
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let outcome = Pin::new(&mut self.inner).poll_shutdown(cx);
         self.bound(cx, outcome)
+    }
+}
+
+impl<S> Drop for StallBounded<S> {
+    fn drop(&mut self) {
+        // Whatever was not flushed by now never reaches the client.
+        self.watch.closed();
     }
 }
 
@@ -348,7 +404,7 @@ mod tests {
         const TOTAL: usize = 64 << 10;
         let limit = Duration::from_millis(300);
         let (near, mut far) = tokio::io::duplex(1024);
-        let mut bounded = StallBounded::new(near, limit);
+        let mut bounded = StallBounded::new(near, limit, WriteWatch::default());
         let writer = tokio::spawn(async move { bounded.write_all(&[b'x'; TOTAL]).await });
         // A reader that takes 1 KiB every third of the bound, for three bounds' time (the
         // pace of the client, not a wait for the writer): the write keeps waiting, never
