@@ -129,9 +129,12 @@ impl Application {
         let (stop_tx, stop_rx) = watch::channel(false);
         let relay = Arc::clone(&state.relay);
         let outbox = tokio::spawn(Arc::clone(&relay).run_outbox(stop_rx.clone()));
+        // Its own stop, sent as soon as shutdown begins: the service leaves the queue group
+        // at once, so other relays take new native requests while this one finishes.
+        let (native_stop_tx, native_stop_rx) = watch::channel(false);
         let native = tokio::spawn({
             let (client, relay, metrics, stop) =
-                (native_client.clone(), Arc::clone(&relay), Arc::clone(&state.metrics), stop_rx.clone());
+                (native_client.clone(), Arc::clone(&relay), Arc::clone(&state.metrics), native_stop_rx);
             async move {
                 if let Err(e) = crate::adapters::native::serve(client, relay, metrics, stop).await {
                     tracing::error!(error = %e, "native NATS interface stopped");
@@ -161,6 +164,7 @@ impl Application {
         ));
         shutdown.await;
         tracing::info!("shutting down: no new connections, finishing requests, draining the outbox");
+        let _ = native_stop_tx.send(true);
         if let Some(console) = &console {
             // Live feeds never finish by themselves; ending them lets the server drain.
             console.close();
