@@ -39,6 +39,13 @@ pub struct Access {
 }
 
 /// `::ffff:1.2.3.4` from a dual-stack socket is the IPv4 client `1.2.3.4`.
+/// The client of a request whose trusted proxy named it unreadably.
+pub const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+
+fn parse_ip(raw: &[u8]) -> Option<IpAddr> {
+    std::str::from_utf8(raw).ok()?.trim().parse().ok().map(canonical)
+}
+
 fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
@@ -52,23 +59,40 @@ impl Access {
         Self { gm_allow, gs_allow, trusted_proxies, gs_list: RwLock::new(Arc::new(HashSet::new())) }
     }
 
-    /// The client's address, by the trusted-proxy rule.
+    /// The client's address, by the trusted-proxy rule. A trusted proxy that forwards no
+    /// address is the client itself (a request made on its host); one whose header cannot
+    /// be read gives [`UNKNOWN_CLIENT`], which no allowlist holds unless it allows everyone,
+    /// and never the proxy's own address, which may be allowlisted.
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let peer = canonical(peer);
         if !listed(&self.trusted_proxies, peer) {
             return peer;
         }
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        if let Some(ip) = header("x-real-ip").and_then(|v| v.trim().parse::<IpAddr>().ok()) {
-            return canonical(ip);
+        if let Some(real_ip) = headers.get("x-real-ip") {
+            return parse_ip(real_ip.as_bytes()).unwrap_or(UNKNOWN_CLIENT);
         }
-        let forwarded = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
-        let entries: Vec<IpAddr> = forwarded
-            .flat_map(|v| v.split(','))
-            .filter_map(|s| s.trim().parse::<IpAddr>().ok())
-            .map(canonical)
+        // Byte-wise: a client may send bytes that are not text in its own entries, and the
+        // proxy appends the address it saw to them.
+        let entries: Vec<&[u8]> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
             .collect();
-        entries.into_iter().rev().find(|ip| !listed(&self.trusted_proxies, *ip)).unwrap_or(peer)
+        if entries.is_empty() {
+            return peer;
+        }
+        // From the right: each proxy appends the address it got the request from; entries
+        // further left came from the client and prove nothing.
+        let mut origin = UNKNOWN_CLIENT;
+        for entry in entries.into_iter().rev() {
+            match parse_ip(entry) {
+                Some(ip) if listed(&self.trusted_proxies, ip) => origin = ip,
+                Some(ip) => return ip,
+                None => return UNKNOWN_CLIENT,
+            }
+        }
+        // Only proxies named: the request began on a proxy's host.
+        origin
     }
 
     pub fn gm_allowed(&self, ip: IpAddr) -> bool {
@@ -150,6 +174,25 @@ mod tests {
             a.client_ip("::ffff:9.9.9.9".parse().unwrap(), &none),
             "9.9.9.9".parse::<IpAddr>().unwrap()
         );
+    }
+
+    #[test]
+    fn unreadable_forwarding_headers_never_give_the_proxys_address() {
+        let a = Access::new(vec![], vec![], nets("127.0.0.1"));
+        let proxy: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        // A client's own entry that is not text, then the proxy's appended address.
+        h.append("x-forwarded-for", axum::http::HeaderValue::from_bytes(b"\xc3\xa9, 3.3.3.3").unwrap());
+        assert_eq!(a.client_ip(proxy, &h), "3.3.3.3".parse::<IpAddr>().unwrap());
+        let garbled = headers(&[("x-forwarded-for", "3.3.3.3, nonsense")]);
+        assert_eq!(a.client_ip(proxy, &garbled), UNKNOWN_CLIENT);
+        let bad_real_ip = headers(&[("x-real-ip", "nonsense"), ("x-forwarded-for", "3.3.3.3")]);
+        assert_eq!(a.client_ip(proxy, &bad_real_ip), UNKNOWN_CLIENT);
+        // Only proxies named: the request came from the proxy's host.
+        let local = headers(&[("x-forwarded-for", "127.0.0.1")]);
+        assert_eq!(a.client_ip(proxy, &local), proxy);
+        let open = Access::new(nets("127.0.0.1"), vec![], nets("127.0.0.1"));
+        assert!(!open.gm_allowed(UNKNOWN_CLIENT));
     }
 
     #[test]
