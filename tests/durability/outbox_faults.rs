@@ -227,3 +227,44 @@ async fn a_refused_friend_event_is_not_overtaken_by_the_players_next_one() {
     assert_eq!(order, want, "stored in commit order");
     assert_eq!(player_gm(&app, UID).await.as_deref(), Some("8"));
 }
+
+/// On SIGTERM the native service leaves its queue group at once, even while a legacy poll
+/// keeps the HTTP side busy: from then on other relays (or "no responders") answer game
+/// servers, instead of this relay taking requests it may not have time to answer.
+#[tokio::test]
+async fn a_stopping_relay_leaves_the_native_queue_group_at_once() {
+    let mut app = TestApp::servers_only(&[]);
+    // A long bound: the parked poll keeps the HTTP side busy for most of it.
+    app.start_process(&[("GM_RELAY_FAULTS", "poll_after_fetch"), ("GM_RELAY_SHUTDOWN_TIMEOUT_S", "60")])
+        .await;
+    app.create_gm(GM, GM_NAME).await;
+    app.add(GM, HOST, UID).await;
+    let client = async_nats::connect(app.nats.url()).await.expect("connect");
+    let resync = format!("gm.relay.gs.{HOST}.resync");
+    let answered = client.request(resync.clone(), "{}".into()).await.expect("the native service answers");
+    assert!(answered.status.is_none(), "{answered:?}");
+    let url = format!("{}/gs?action=relation&host={HOST}", app.base_url());
+    let parked = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
+    let js = app.jetstream().await;
+    let durable = format!("legacy_rel_{HOST}");
+    wait_until_async(DEADLINE, "the parked poll fetched the add", || {
+        let (js, durable) = (&js, &durable);
+        async move { consumer_backlog(js, "GM_TO_HOST", durable).await.is_some_and(|(_, acking)| acking == 1) }
+    })
+    .await;
+
+    app.signal_process(libc::SIGTERM);
+    // The HTTP side waits for the parked poll for up to 45 s; the native service must not.
+    wait_until_async(DEADLINE, "native requests find no responder", || {
+        let (client, resync) = (&client, &resync);
+        async move {
+            matches!(
+                client.request(resync.clone(), "{}".into()).await,
+                Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders
+            )
+        }
+    })
+    .await;
+    app.kill_process();
+    parked.abort();
+}

@@ -213,6 +213,12 @@ impl TestApp {
         child.wait().expect("reap the relay");
     }
 
+    /// Sends `sig` to the relay process and returns at once.
+    pub fn signal_process(&self, sig: libc::c_int) {
+        let (child, _) = self.process.as_ref().expect("a relay process is running");
+        super::send_signal(child.id(), sig);
+    }
+
     /// SIGTERM to the relay process; waits (bounded) for it to exit and returns its status.
     pub fn terminate_process(&mut self, within: Duration) -> std::process::ExitStatus {
         let (mut child, _) = self.process.take().expect("a relay process is running");
