@@ -38,6 +38,22 @@ async fn process_with_fault(fault: &str) -> TestApp {
     app
 }
 
+/// Sends a relation poll of `HOST` to a relay with `poll_after_fetch` armed and waits until
+/// it has fetched the one friend event waiting and parked; its client waits, so nothing
+/// cancels it. Returns the client's task.
+async fn park_relation_poll(app: &TestApp) -> tokio::task::JoinHandle<reqwest::Result<reqwest::StatusCode>> {
+    let url = format!("{}/gs?action=relation&host={HOST}", app.base_url());
+    let parked = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
+    let js = app.jetstream().await;
+    let durable = format!("legacy_rel_{HOST}");
+    wait_until_async(DEADLINE, "the parked poll fetched the add", || {
+        let (js, durable) = (&js, &durable);
+        async move { consumer_backlog(js, "GM_TO_HOST", durable).await.is_some_and(|(_, acking)| acking == 1) }
+    })
+    .await;
+    parked
+}
+
 async fn player_gm(app: &TestApp, uid: i64) -> Option<String> {
     redis_query(app, &["HGET", &format!("gmr:player:{uid}"), "gm"]).await
 }
@@ -145,16 +161,8 @@ async fn request_parked_after_commit_then_restart_keeps_the_friendship_and_its_e
 async fn killed_mid_poll_the_next_relay_serves_the_feed_in_order() {
     let mut app = process_with_fault("poll_after_fetch").await;
     app.add(GM, HOST, UID).await;
-    // The poll fetches the add and parks; its client waits, so nothing cancels it.
-    let url = format!("{}/gs?action=relation&host={HOST}", app.base_url());
-    let parked = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
-    let js = app.jetstream().await;
+    let parked = park_relation_poll(&app).await;
     let durable = format!("legacy_rel_{HOST}");
-    wait_until_async(DEADLINE, "the parked poll fetched the add", || {
-        let (js, durable) = (&js, &durable);
-        async move { consumer_backlog(js, "GM_TO_HOST", durable).await.is_some_and(|(_, acking)| acking == 1) }
-    })
-    .await;
     app.kill_process();
     assert!(parked.await.expect("joined").is_err(), "the parked poll never answered");
 
@@ -243,15 +251,7 @@ async fn a_stopping_relay_leaves_the_native_queue_group_at_once() {
     let resync = format!("gm.relay.gs.{HOST}.resync");
     let answered = client.request(resync.clone(), "{}".into()).await.expect("the native service answers");
     assert!(answered.status.is_none(), "{answered:?}");
-    let url = format!("{}/gs?action=relation&host={HOST}", app.base_url());
-    let parked = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
-    let js = app.jetstream().await;
-    let durable = format!("legacy_rel_{HOST}");
-    wait_until_async(DEADLINE, "the parked poll fetched the add", || {
-        let (js, durable) = (&js, &durable);
-        async move { consumer_backlog(js, "GM_TO_HOST", durable).await.is_some_and(|(_, acking)| acking == 1) }
-    })
-    .await;
+    let parked = park_relation_poll(&app).await;
 
     app.signal_process(libc::SIGTERM);
     // The HTTP side waits for the parked poll for up to 45 s; the native service must not.
