@@ -164,6 +164,10 @@ impl SignIn {
         else {
             return Err(SignInError::Busy);
         };
+        // From here the password is checked even if the request goes away: the attempt
+        // stays counted, or a client that hangs up at once could hash for ever unlimited.
+        let mut attempt = attempt;
+        attempt.judged = true;
         let candidate = password.to_owned();
         let checked = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -174,6 +178,7 @@ impl SignIn {
             // A panic in the check is our fault, not a wrong password: not counted
             // against the account, answered as "try again".
             tracing::error!(%gm, error = %e, "console password check failed");
+            attempt.judged = false;
             SignInError::Busy
         })?;
         let Some(credentials) = credentials.filter(|_| matches) else {
