@@ -79,6 +79,13 @@ const HOST_CONSUMER_WAIT: Duration = Duration::from_millis(500);
 /// those messages are due again, and gets them first, in stream order.
 pub const POLL_LEASE_TTL: Duration = Duration::from_secs(15);
 
+/// A poll's reply must be written within this of asking for the lease, or the poll naks
+/// it (and the connection is given up, so the client never reads it): the acks that
+/// follow a written reply take at most the NATS adapter's `SETTLE_TIMEOUT` (2 s), and
+/// 12 + 2 s ends the turn within its lease ([`POLL_LEASE_TTL`]) with 1 s to spare. A
+/// reply of up to 10,000 entries is written in milliseconds to a client that reads.
+pub const POLL_REPLY_BUDGET: Duration = Duration::from_secs(12);
+
 /// A friend change answers once committed; it waits up to this long for its event to be
 /// published, so that a client's next poll sees it. Past it the drainer still publishes it.
 const PUBLISH_FLUSH_WAIT: Duration = Duration::from_secs(2);
@@ -504,6 +511,11 @@ pub struct Settlement<S: FriendStore, B: EventBus, R: RoleService> {
 }
 
 impl<S: FriendStore, B: EventBus, R: RoleService> Settlement<S, B, R> {
+    /// When the reply must be written by (see [`POLL_REPLY_BUDGET`]).
+    pub fn reply_deadline(&self) -> Option<tokio::time::Instant> {
+        self.turn.as_ref().map(|turn| turn.asked_at + POLL_REPLY_BUDGET)
+    }
+
     /// `written`: the reply reached the client, so ack as planned; otherwise nak everything
     /// so the next poll gets it all again, in order.
     pub fn finish(mut self, written: bool) -> tokio::task::JoinHandle<()> {

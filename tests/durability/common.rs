@@ -79,8 +79,17 @@ fn absorb_gm(acc: &mut BTreeMap<(String, String), Vec<String>>, inbox: HashMap<S
 /// Polls `GM receive` until `want` messages arrived, then once more, which must be empty.
 /// Returns (gm, uid) → texts in arrival order, over all polls.
 pub async fn drain_gm_chat(app: &TestApp, want: usize) -> BTreeMap<(String, String), Vec<String>> {
+    drain_gm_chat_within(app, want, DEADLINE).await
+}
+
+/// [`drain_gm_chat`], for when the messages come only after `deadline`'s first seconds.
+pub async fn drain_gm_chat_within(
+    app: &TestApp,
+    want: usize,
+    deadline: Duration,
+) -> BTreeMap<(String, String), Vec<String>> {
     let acc = Mutex::new(BTreeMap::<(String, String), Vec<String>>::new());
-    wait_until_async(DEADLINE, &format!("{want} messages reach the GMs"), || {
+    wait_until_async(deadline, &format!("{want} messages reach the GMs"), || {
         let acc = &acc;
         async move {
             let inbox = app.gm_receive().await;

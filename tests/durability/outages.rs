@@ -446,45 +446,114 @@ async fn a_poll_whose_acks_fail_leaves_its_lease_to_expire() {
     drop(frozen);
 }
 
+/// Players and messages each in the large GM poll reply of the two tests below.
+const BIG_REPLY_PLAYERS: i64 = 200;
+const BIG_REPLY_PER_PLAYER: usize = 10;
+
+/// Receive buffer of a client that does not read its reply: small, so what the relay can
+/// hand to the kernel is about its own send buffer.
+const SLOW_CLIENT_RCVBUF: u32 = 16 << 10;
+
+/// Stores chat for a GM poll reply of 2,000 texts of 2,000 bytes, base64 twice: about
+/// 7 MB, more than the kernel takes from the relay for a client that does not read.
+async fn store_big_gm_reply(app: &TestApp) {
+    use gm_relay::domain::ports::{EventBus, Route};
+    use gm_relay::domain::{Envelope, GmId, HostId, Uid};
+    let relay = app.relay();
+    let bus = relay.bus();
+    // The longest text there is: 500 four-byte characters.
+    let text = "😀".repeat(500);
+    let sends =
+        (0..BIG_REPLY_PLAYERS).flat_map(|p| (0..BIG_REPLY_PER_PLAYER).map(move |i| (p, i))).map(|(p, i)| {
+            let text = text.as_str();
+            async move {
+                let event =
+                    Envelope::chat(format!("cut-{p}-{i}"), HostId(HOST), Uid(1000 + p), GmId(GM), text, 0);
+                bus.publish_chat(Route::ToGm(GmId(GM)), &event).await.expect("stored");
+            }
+        });
+    futures::future::join_all(sends).await;
+    // The relay's send buffer grows to at most the kernel's `tcp_wmem` maximum.
+    let wmem = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem").expect("tcp_wmem");
+    let wmem_max: usize = wmem.split_whitespace().last().and_then(|m| m.parse().ok()).expect("tcp_wmem max");
+    assert!(
+        wmem_max + (SLOW_CLIENT_RCVBUF as usize) * 2 < 7_000_000,
+        "this machine's sockets could take the whole reply (tcp_wmem max {wmem_max}): the test would prove nothing"
+    );
+}
+
+/// Asks for the GM poll with a small receive buffer and reads only the reply's first
+/// bytes: returns the connection and the reply's announced length.
+async fn ask_gm_poll_and_stop_reading(app: &TestApp) -> (tokio::net::TcpStream, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(SLOW_CLIENT_RCVBUF).expect("SO_RCVBUF");
+    let mut client = socket.connect(app.addr()).await.expect("connect");
+    client.write_all(b"GET /gm?action=receive HTTP/1.1\r\nHost: relay\r\n\r\n").await.expect("request");
+    let mut first = [0u8; 1024];
+    let n = tokio::time::timeout(DEADLINE, client.read(&mut first)).await.expect("a reply").expect("read");
+    let head = String::from_utf8_lossy(&first[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: ").or_else(|| l.strip_prefix("Content-Length: ")))
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no length in {head}"));
+    (client, length)
+}
+
 /// A poll's events are acked only once its reply is on the wire: a client that resets the
 /// connection while a large reply is still being written gets every event again on its
 /// next poll. (hyper takes a reply's body into its buffer and lets the body go before it
 /// writes it to the socket; acking then would lose what the client never read.)
 #[tokio::test]
 async fn a_reply_the_client_cut_off_is_served_again() {
-    use gm_relay::domain::ports::{EventBus, Route};
-    use gm_relay::domain::{Envelope, GmId, HostId, Uid};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const PLAYERS: i64 = 200;
-    const PER_PLAYER: usize = 10;
     let app = TestApp::spawn().await;
-    let relay = app.relay();
-    let bus = relay.bus();
-    // The longest text there is: 500 four-byte characters.
-    let text = "😀".repeat(500);
-    let sends = (0..PLAYERS).flat_map(|p| (0..PER_PLAYER).map(move |i| (p, i))).map(|(p, i)| {
-        let text = text.as_str();
-        async move {
-            let event =
-                Envelope::chat(format!("cut-{p}-{i}"), HostId(HOST), Uid(1000 + p), GmId(GM), text, 0);
-            bus.publish_chat(Route::ToGm(GmId(GM)), &event).await.expect("stored");
-        }
-    });
-    futures::future::join_all(sends).await;
-
-    // The reply holds 2,000 texts of 2,000 bytes, base64 twice: about 7 MB, more than the
-    // sockets' buffers take from a client that does not read (the relay's send buffer
-    // grows to at most 4 MiB here).
-    let mut client = tokio::net::TcpStream::connect(app.addr()).await.expect("connect");
-    client.write_all(b"GET /gm?action=receive HTTP/1.1\r\nHost: relay\r\n\r\n").await.expect("request");
-    let mut first = [0u8; 1024];
-    let n = tokio::time::timeout(DEADLINE, client.read(&mut first)).await.expect("a reply").expect("read");
-    assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&first[..n]));
+    store_big_gm_reply(&app).await;
+    let (client, _) = ask_gm_poll_and_stop_reading(&app).await;
     // Reset, not close: the relay's next write fails at once.
     #[allow(deprecated)] // deprecated for blocking on close; a zero linger resets at once
     client.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
     drop(client);
 
-    let got = drain_gm_chat(&app, PLAYERS as usize * PER_PLAYER).await;
-    assert_eq!(got.len(), PLAYERS as usize, "every conversation comes again");
+    let got = drain_gm_chat(&app, BIG_REPLY_PLAYERS as usize * BIG_REPLY_PER_PLAYER).await;
+    assert_eq!(got.len(), BIG_REPLY_PLAYERS as usize, "every conversation comes again");
+}
+
+/// A reply not written within the poll's budget is nak'd, and the relay gives up the
+/// connection at once (well before the write-stall bound), so the client reads a cut
+/// reply rather than events it also gets again on its next poll.
+#[tokio::test]
+async fn a_reply_not_written_in_time_is_cut_and_served_again() {
+    use gm_relay::adapters::http::server::WRITE_STALL_TIMEOUT;
+    use gm_relay::relay::POLL_REPLY_BUDGET;
+    use tokio::io::AsyncReadExt;
+    let app = TestApp::spawn().await;
+    store_big_gm_reply(&app).await;
+    let (mut client, length) = ask_gm_poll_and_stop_reading(&app).await;
+    // The client reads nothing more until its events come again on other polls.
+    let want = BIG_REPLY_PLAYERS as usize * BIG_REPLY_PER_PLAYER;
+    let got = drain_gm_chat_within(&app, want, POLL_REPLY_BUDGET + DEADLINE).await;
+    // Reads what the relay still sends: the connection must close before the reply's end,
+    // and soon (the write-stall bound, WRITE_STALL_TIMEOUT, would close it only later).
+    let mut read = 0;
+    let mut chunk = vec![0u8; 64 << 10];
+    let ended = tokio::time::timeout(ANSWER_WITHIN, async {
+        while read + 1024 < length {
+            match client.read(&mut chunk).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => read += n,
+            }
+        }
+        false
+    })
+    .await;
+    match ended {
+        Ok(true) => {}
+        Ok(false) => panic!("the client read the whole reply ({length} bytes) after its events were nak'd"),
+        Err(_) => panic!(
+            "the connection was neither closed nor written, {WRITE_STALL_TIMEOUT:?} being the stall bound"
+        ),
+    }
+    assert_eq!(got.len(), BIG_REPLY_PLAYERS as usize, "every conversation comes again");
 }

@@ -10,7 +10,6 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
@@ -362,11 +361,6 @@ async fn gs_relation(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayEr
     Ok(Reply::Poll(PollBody::new(body, settlement)))
 }
 
-/// A reply whose bytes are not on the wire within this counts as not written: its events
-/// are nak'd and come again (at least once). Well under the poll lease (15 s), which the
-/// turn holds meanwhile; a client reading a large reply this slowly is one that stalls.
-const REPLY_WRITE_WAIT: Duration = Duration::from_secs(10);
-
 /// A poll's reply body. The poll's acks follow the written reply: once the connection has
 /// written the bytes to the socket (its [`WriteWatch`]), the poll settles as planned; a
 /// body dropped unsent, or a connection that closes (or stalls) before the bytes are out,
@@ -428,20 +422,40 @@ impl http_body::Body for PollBody {
 impl Drop for PollBody {
     fn drop(&mut self) {
         let Some(settlement) = self.settlement.take() else { return };
-        match self.written.take() {
-            None => drop(settlement.finish(false)),
-            Some(WhenWritten::Taken) => drop(settlement.finish(true)),
-            Some(WhenWritten::Watched(written)) => {
-                // The settlement holds the feed's turn until then, so the next poll starts
-                // after these acks or naks, as always.
-                tokio::spawn(async move {
-                    let written = matches!(tokio::time::timeout(REPLY_WRITE_WAIT, written).await, Ok(Ok(())));
-                    if !written {
-                        tracing::warn!("a poll reply was not written to its client; its events come again");
-                    }
-                    let _ = settlement.finish(written).await;
-                });
+        // Without a runtime (it is shutting down) the settlement's own drop leaves the
+        // events to the broker's redelivery.
+        let (Some(written), Ok(runtime)) = (self.written.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let (mut written, watch) = match (written, self.watch.take()) {
+            (WhenWritten::Watched(written), Some(watch)) => (written, watch),
+            _ => {
+                drop(settlement.finish(true));
+                return;
             }
-        }
+        };
+        // The settlement holds the feed's turn until then, so the next poll starts after
+        // these acks or naks, as always.
+        let deadline = settlement.reply_deadline();
+        runtime.spawn(async move {
+            let in_time = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, &mut written).await.ok(),
+                None => Some((&mut written).await),
+            };
+            let written = match in_time {
+                Some(outcome) => outcome.is_ok(),
+                None => {
+                    // Too late to ack within the lease: stop the reply so that the client,
+                    // which gets these events again, does not also read them now.
+                    watch.abandon();
+                    written.try_recv().is_ok()
+                }
+            };
+            if !written {
+                tracing::warn!("a poll reply was not written to its client; its events come again");
+            }
+            let _ = settlement.finish(written).await;
+        });
     }
 }

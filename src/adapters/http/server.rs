@@ -9,8 +9,9 @@
 use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -121,15 +122,28 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ServerLimits, sto
 /// must ack what its reply holds only once the reply is written (a client that resets
 /// mid-reply gets those events again), so it asks this, its connection's watch, which
 /// every request carries as an extension. A flush of the connection that completes means
-/// hyper's buffer, and with it every reply taken before, went to the socket.
+/// hyper's buffer, and with it every reply taken before, went to the socket (the kernel's
+/// send buffer, or a buffering proxy in front, took the bytes; the client may read them
+/// later). A reply that cannot wait longer for its write gives up the connection
+/// ([`WriteWatch::abandon`]), so the client never reads a reply whose events come again.
 #[derive(Clone, Default)]
-pub struct WriteWatch(Arc<Mutex<Waiters>>);
+pub struct WriteWatch(Arc<Watched>);
+
+#[derive(Default)]
+struct Watched {
+    /// Read on every write: once set, the connection's writes fail.
+    abandoned: AtomicBool,
+    waiters: Mutex<Waiters>,
+}
 
 #[derive(Default)]
 struct Waiters {
     /// At most one per request in flight on the connection: one, with HTTP/1.1.
     waiting: Vec<oneshot::Sender<()>>,
     closed: bool,
+    /// The connection's writer while a write waits for room in the send buffer, so that
+    /// giving the connection up wakes it rather than leaving it to the stall bound.
+    blocked_writer: Option<Waker>,
 }
 
 impl WriteWatch {
@@ -137,24 +151,52 @@ impl WriteWatch {
     /// the connection closes first.
     pub fn written(&self) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        let mut waiters = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut waiters = self.waiters();
         if !waiters.closed {
             waiters.waiting.push(tx);
         }
         rx
     }
 
+    /// Gives the connection up: its next write fails and the connection closes, so what
+    /// it has not yet written (the rest of a reply that took too long) never reaches the
+    /// client, which sees a cut reply. A flush that completed before this still counts:
+    /// check the receivers of [`WriteWatch::written`] after calling it.
+    pub fn abandon(&self) {
+        self.0.abandoned.store(true, Ordering::Release);
+        let writer = self.waiters().blocked_writer.take();
+        if let Some(writer) = writer {
+            writer.wake();
+        }
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.0.abandoned.load(Ordering::Acquire)
+    }
+
+    fn waiters(&self) -> MutexGuard<'_, Waiters> {
+        self.0.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn flushed(&self) {
-        let mut waiters = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for tx in waiters.waiting.drain(..) {
+        for tx in self.waiters().waiting.drain(..) {
             let _ = tx.send(());
         }
     }
 
+    fn blocked(&self, writer: &Waker) {
+        let mut waiters = self.waiters();
+        match &mut waiters.blocked_writer {
+            Some(known) if known.will_wake(writer) => {}
+            slot => *slot = Some(writer.clone()),
+        }
+    }
+
     fn closed(&self) {
-        let mut waiters = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut waiters = self.waiters();
         waiters.closed = true;
         waiters.waiting.clear();
+        waiters.blocked_writer = None;
     }
 }
 
@@ -180,6 +222,10 @@ impl<S> StallBounded<S> {
             self.stalled = None;
             return outcome;
         }
+        self.watch.blocked(cx.waker());
+        if self.watch.is_abandoned() {
+            return Poll::Ready(Err(given_up()));
+        }
         let limit = self.limit;
         let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         match timer.as_mut().poll(cx) {
@@ -203,6 +249,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for StallBounded<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for StallBounded<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.watch.is_abandoned() {
+            return Poll::Ready(Err(given_up()));
+        }
         let outcome = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.bound(cx, outcome)
     }
@@ -212,6 +261,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallBounded<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.watch.is_abandoned() {
+            return Poll::Ready(Err(given_up()));
+        }
         let outcome = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         self.bound(cx, outcome)
     }
@@ -221,6 +273,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallBounded<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.watch.is_abandoned() {
+            return Poll::Ready(Err(given_up()));
+        }
         let outcome = Pin::new(&mut self.inner).poll_flush(cx);
         let outcome = self.bound(cx, outcome);
         if matches!(outcome, Poll::Ready(Ok(()))) {
@@ -240,6 +295,10 @@ impl<S> Drop for StallBounded<S> {
         // Whatever was not flushed by now never reaches the client.
         self.watch.closed();
     }
+}
+
+fn given_up() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the reply was not written in time; the connection is given up")
 }
 
 fn is_client_gone(e: &std::io::Error) -> bool {
