@@ -164,23 +164,24 @@ impl SignIn {
         else {
             return Err(SignInError::Busy);
         };
-        // From here the password is checked even if the request goes away: the attempt
-        // stays counted, or a client that hangs up at once could hash for ever unlimited.
         let mut attempt = attempt;
-        attempt.judged = true;
+        attempt.checking();
         let candidate = password.to_owned();
         let checked = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             verify_password(&candidate, &phc)
         })
         .await;
-        let matches = checked.map_err(|e| {
-            // A panic in the check is our fault, not a wrong password: not counted
-            // against the account, answered as "try again".
-            tracing::error!(%gm, error = %e, "console password check failed");
-            attempt.judged = false;
-            SignInError::Busy
-        })?;
+        let matches = match checked {
+            Ok(matches) => matches,
+            Err(e) => {
+                // A panic in the check is our fault, not a wrong password: not counted
+                // against the account, answered as "try again".
+                tracing::error!(%gm, error = %e, "console password check failed");
+                attempt.give_back();
+                return Err(SignInError::Busy);
+            }
+        };
         let Some(credentials) = credentials.filter(|_| matches) else {
             attempt.failed();
             tracing::info!(%gm, %ip, "console sign-in failed");
@@ -211,6 +212,18 @@ struct Attempt {
 }
 
 impl Attempt {
+    /// The password check starts: from here it runs to its end even if the request goes
+    /// away, so the attempt stays counted, or a client that hangs up at once could have
+    /// passwords checked without limit.
+    fn checking(&mut self) {
+        self.judged = true;
+    }
+
+    /// The check could not judge the password (it panicked): the attempt is given back.
+    fn give_back(mut self) {
+        self.judged = false;
+    }
+
     /// A wrong password, or one too long to check: the attempt stays counted.
     fn failed(mut self) {
         self.judged = true;

@@ -247,7 +247,13 @@ async fn a_stopping_relay_leaves_the_native_queue_group_at_once() {
         .await;
     app.create_gm(GM, GM_NAME).await;
     app.add(GM, HOST, UID).await;
-    let client = async_nats::connect(app.nats.url()).await.expect("connect");
+    // A request the stopping relay took but never answers must end well within DEADLINE
+    // (the client's default bound is 10 s), so that the wait below asks again.
+    let client = async_nats::ConnectOptions::new()
+        .request_timeout(Some(Duration::from_secs(1)))
+        .connect(app.nats.url())
+        .await
+        .expect("connect");
     let resync = format!("gm.relay.gs.{HOST}.resync");
     let answered = client.request(resync.clone(), "{}".into()).await.expect("the native service answers");
     assert!(answered.status.is_none(), "{answered:?}");

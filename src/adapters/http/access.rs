@@ -38,14 +38,15 @@ pub struct Access {
     gs_list: RwLock<Arc<HashSet<IpAddr>>>,
 }
 
-/// `::ffff:1.2.3.4` from a dual-stack socket is the IPv4 client `1.2.3.4`.
-/// The client of a request whose trusted proxy named it unreadably.
+/// The client of a request whose trusted proxy named it unreadably: `0.0.0.0`, which only
+/// an allowlist that admits every IPv4 address (`0.0.0.0/0`) holds.
 pub const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 
 fn parse_ip(raw: &[u8]) -> Option<IpAddr> {
     std::str::from_utf8(raw).ok()?.trim().parse().ok().map(canonical)
 }
 
+/// `::ffff:1.2.3.4` from a dual-stack socket is the IPv4 client `1.2.3.4`.
 fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
@@ -191,8 +192,10 @@ mod tests {
         // Only proxies named: the request came from the proxy's host.
         let local = headers(&[("x-forwarded-for", "127.0.0.1")]);
         assert_eq!(a.client_ip(proxy, &local), proxy);
-        let open = Access::new(nets("127.0.0.1"), vec![], nets("127.0.0.1"));
-        assert!(!open.gm_allowed(UNKNOWN_CLIENT));
+        let loopback_only = Access::new(nets("127.0.0.1"), vec![], nets("127.0.0.1"));
+        assert!(!loopback_only.gm_allowed(UNKNOWN_CLIENT));
+        let everyone = Access::new(nets("0.0.0.0/0"), vec![], nets("127.0.0.1"));
+        assert!(everyone.gm_allowed(UNKNOWN_CLIENT), "an allowlist of everyone admits an unknown client too");
     }
 
     #[test]
