@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
@@ -361,6 +362,12 @@ async fn gs_relation(state: &AppState, q: &LegacyQuery) -> Result<Reply, RelayEr
     Ok(Reply::Poll(PollBody::new(body, settlement)))
 }
 
+/// How long a poll whose reply missed its deadline waits for the connection it gave up to
+/// settle whether the reply was written after all (a write already under way). The
+/// writer is woken at once; this bound only covers a busy runtime, well inside the second
+/// the lease has to spare (see `relay::POLL_REPLY_BUDGET`).
+const ABANDONED_WRITE_WAIT: Duration = Duration::from_millis(200);
+
 /// A poll's reply body. The poll's acks follow the written reply: once the connection has
 /// written the bytes to the socket (its [`WriteWatch`]), the poll settles as planned; a
 /// body dropped unsent, or a connection that closes (or stalls) before the bytes are out,
@@ -422,8 +429,8 @@ impl http_body::Body for PollBody {
 impl Drop for PollBody {
     fn drop(&mut self) {
         let Some(settlement) = self.settlement.take() else { return };
-        // Without a runtime (it is shutting down) the settlement's own drop leaves the
-        // events to the broker's redelivery.
+        // A body dropped unsent: the settlement's own drop naks everything, or, without a
+        // runtime (it is shutting down), leaves the events to the broker's redelivery.
         let (Some(written), Ok(runtime)) = (self.written.take(), tokio::runtime::Handle::try_current())
         else {
             return;
@@ -439,17 +446,18 @@ impl Drop for PollBody {
         // these acks or naks, as always.
         let deadline = settlement.reply_deadline();
         runtime.spawn(async move {
-            let in_time = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, &mut written).await.ok(),
-                None => Some((&mut written).await),
-            };
+            // A poll's settlement always holds its turn, hence a deadline.
+            let deadline = deadline.unwrap_or_else(tokio::time::Instant::now);
+            let in_time = tokio::time::timeout_at(deadline, &mut written).await.ok();
             let written = match in_time {
                 Some(outcome) => outcome.is_ok(),
                 None => {
                     // Too late to ack within the lease: stop the reply so that the client,
-                    // which gets these events again, does not also read them now.
+                    // which gets these events again, does not also read them now. The
+                    // woken writer settles the outcome at once: a write under way that
+                    // completes is flushed (written), any other fails and closes.
                     watch.abandon();
-                    written.try_recv().is_ok()
+                    matches!(tokio::time::timeout(ABANDONED_WRITE_WAIT, written).await, Ok(Ok(())))
                 }
             };
             if !written {

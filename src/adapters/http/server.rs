@@ -158,10 +158,11 @@ impl WriteWatch {
         rx
     }
 
-    /// Gives the connection up: its next write fails and the connection closes, so what
-    /// it has not yet written (the rest of a reply that took too long) never reaches the
-    /// client, which sees a cut reply. A flush that completed before this still counts:
-    /// check the receivers of [`WriteWatch::written`] after calling it.
+    /// Gives the connection up: its next read, write or flush fails and the connection
+    /// closes, so what it has not yet written (the rest of a reply that took too long)
+    /// never reaches the client, which sees a cut reply. A write already under way may
+    /// still complete; its flush then still resolves [`WriteWatch::written`] before it
+    /// fails, so wait briefly on those receivers after calling this to learn the outcome.
     pub fn abandon(&self) {
         self.0.abandoned.store(true, Ordering::Release);
         let writer = self.waiters().blocked_writer.take();
@@ -243,6 +244,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for StallBounded<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        // A connection given up just after its reply was written must not go on to take
+        // the client's next request, whose reply it could not write.
+        if self.watch.is_abandoned() {
+            return Poll::Ready(Err(given_up()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -273,13 +279,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallBounded<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.watch.is_abandoned() {
-            return Poll::Ready(Err(given_up()));
-        }
         let outcome = Pin::new(&mut self.inner).poll_flush(cx);
         let outcome = self.bound(cx, outcome);
         if matches!(outcome, Poll::Ready(Ok(()))) {
+            // hyper flushes once its buffer is in the socket: written, even if the
+            // connection was given up meanwhile (a write already under way completed).
             self.watch.flushed();
+            if self.watch.is_abandoned() {
+                return Poll::Ready(Err(given_up()));
+            }
         }
         outcome
     }
@@ -482,6 +490,43 @@ mod tests {
         let err = failed.expect_err("the write went on without a reader");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(got < TOTAL);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_connection_fails_its_blocked_write_at_once() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let watch = WriteWatch::default();
+        // A bound far beyond the test: only the abandon can end the write.
+        let mut bounded = StallBounded::new(near, Duration::from_secs(3600), watch.clone());
+        let written = watch.written();
+        let writer = tokio::spawn(async move {
+            bounded.write_all(&[b'x'; 64 << 10]).await?;
+            bounded.flush().await
+        });
+        let mut buf = [0u8; 1024];
+        tokio::time::timeout(DEADLINE, far.read_exact(&mut buf)).await.expect("the write began").unwrap();
+        watch.abandon();
+        let failed = tokio::time::timeout(DEADLINE, writer).await.expect("the write ended").unwrap();
+        assert_eq!(failed.expect_err("an abandoned write went on").kind(), io::ErrorKind::TimedOut);
+        assert!(written.await.is_err(), "an unwritten reply counted as written");
+    }
+
+    #[tokio::test]
+    async fn a_flush_that_completes_counts_as_written_though_abandoned_meanwhile() {
+        let (near, mut far) = tokio::io::duplex(64 << 10);
+        let watch = WriteWatch::default();
+        let mut bounded = StallBounded::new(near, Duration::from_secs(3600), watch.clone());
+        let written = watch.written();
+        bounded.write_all(b"a whole reply").await.unwrap();
+        // Given up after the bytes went out, before the flush that reports them.
+        watch.abandon();
+        let flushed = bounded.flush().await;
+        assert_eq!(flushed.expect_err("an abandoned connection stays open").kind(), io::ErrorKind::TimedOut);
+        assert!(written.await.is_ok(), "a written reply counted as cut");
+        let mut buf = [0u8; 64];
+        assert!(bounded.read(&mut buf).await.is_err(), "an abandoned connection reads the next request");
+        let n = far.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"a whole reply");
     }
 
     #[tokio::test]
