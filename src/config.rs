@@ -131,13 +131,13 @@ impl Config {
             listen: get("GM_RELAY_LISTEN").parse().map_err(|e| invalid("GM_RELAY_LISTEN", format!("{e}")))?,
             nats_url: url_like("GM_RELAY_NATS_URL", get("GM_RELAY_NATS_URL"), &["nats://", "tls://"])?,
             nats_nkey_seed: opt("GM_RELAY_NATS_NKEY_FILE").map(|p| read_seed(&p)).transpose()?,
-            redis_url: url_like("GM_RELAY_REDIS_URL", get("GM_RELAY_REDIS_URL"), &["redis://"])?,
+            redis_url: url_like("GM_RELAY_REDIS_URL", get("GM_RELAY_REDIS_URL"), &["redis://", "rediss://"])?,
             gm_path: path("GM_RELAY_GM_PATH", get("GM_RELAY_GM_PATH"))?,
             gs_path: path("GM_RELAY_GS_PATH", get("GM_RELAY_GS_PATH"))?,
             gm_allow: nets("GM_RELAY_GM_ALLOW", &get("GM_RELAY_GM_ALLOW"))?,
             gs_allow: nets("GM_RELAY_GS_ALLOW", &get("GM_RELAY_GS_ALLOW"))?,
             gs_list_url: opt("GM_RELAY_GS_LIST_URL")
-                .map(|u| url_like("GM_RELAY_GS_LIST_URL", u, &["http://"]))
+                .map(|u| url_like("GM_RELAY_GS_LIST_URL", u, &["http://", "https://"]))
                 .transpose()?,
             gs_list_refresh: Duration::from_secs(positive(
                 "GM_RELAY_GS_LIST_REFRESH_S",
@@ -229,31 +229,19 @@ fn read_seed(path: &str) -> Result<String, ConfigError> {
     Ok(seed)
 }
 
-/// A URL with one of `schemes`. The relay's HTTP and Redis clients are built without TLS,
-/// so `https://` and `rediss://` are refused here, by name, rather than failing at every
-/// request (or at start-up with a connection error).
+/// A URL with one of `schemes`.
 fn url_like(key: &str, v: String, schemes: &[&str]) -> Result<String, ConfigError> {
-    if schemes.iter().any(|s| v.starts_with(s)) && v.len() > 8 {
-        return Ok(v);
+    match schemes.iter().find(|s| v.starts_with(**s)) {
+        Some(scheme) if v.len() > scheme.len() => Ok(v),
+        _ => Err(invalid(key, format!("expected a URL starting with {}", schemes.join(" or ")))),
     }
-    let tls = ["https://", "rediss://"].iter().find(|s| v.starts_with(**s));
-    Err(invalid(
-        key,
-        match tls {
-            Some(scheme) => format!(
-                "{scheme} is not supported (the relay has no TLS for this connection): use {}, through a local TLS proxy if the network is not trusted",
-                schemes.join(" or ")
-            ),
-            None => format!("expected a URL starting with {}", schemes.join(" or ")),
-        },
-    ))
 }
 
 /// The role service's URL template: without both placeholders every `add` would ask about
 /// the same player (the original's `%s` template, copied as it was, is the likely case).
 fn role_template(v: String) -> Result<String, ConfigError> {
     const KEY: &str = "GM_RELAY_ROLE_INFO_URL";
-    let v = url_like(KEY, v, &["http://"])?;
+    let v = url_like(KEY, v, &["http://", "https://"])?;
     if !(v.contains("{uid}") && v.contains("{host}")) {
         return Err(invalid(
             KEY,
@@ -377,9 +365,9 @@ mod tests {
             ("GM_RELAY_GS_PATH", "/gs}"),
             ("GM_RELAY_ROLE_INFO_URL", "http://roles?uid=%s&hostnum=%s"),
             ("GM_RELAY_ROLE_INFO_URL", "http://roles?uid={uid}"),
-            ("GM_RELAY_ROLE_INFO_URL", "https://roles?uid={uid}&hostnum={host}"),
-            ("GM_RELAY_GS_LIST_URL", "https://ops/servers.txt"),
-            ("GM_RELAY_REDIS_URL", "rediss://127.0.0.1:6379"),
+            ("GM_RELAY_ROLE_INFO_URL", "ftp://roles?uid={uid}&hostnum={host}"),
+            ("GM_RELAY_GS_LIST_URL", "https://"),
+            ("GM_RELAY_REDIS_URL", "unix:///run/redis.sock"),
             ("GM_RELAY_SESSION_KEY", "too-short"),
             ("GM_RELAY_WORKER_THREADS", "0"),
             ("GM_RELAY_WORKER_THREADS", "65"),
@@ -395,14 +383,18 @@ mod tests {
         let c = with(&[
             ("GM_RELAY_GM_PATH", "/chat/gm.php"),
             ("GM_RELAY_GS_PATH", "/chat/gs-x_1"),
-            ("GM_RELAY_ROLE_INFO_URL", "http://roles/info?uid={uid}&hostnum={host}"),
+            ("GM_RELAY_ROLE_INFO_URL", "https://roles/info?uid={uid}&hostnum={host}"),
+            ("GM_RELAY_GS_LIST_URL", "https://ops/servers.txt"),
+            ("GM_RELAY_REDIS_URL", "rediss://redis.internal:6380"),
         ])
         .unwrap();
         // The router takes them as they are (it panics on a path it cannot read).
         let _ = axum::Router::<()>::new()
             .route(&c.gm_path, axum::routing::get(|| async { "" }))
             .route(&c.gs_path, axum::routing::get(|| async { "" }));
-        assert_eq!(c.role_info_url.as_deref(), Some("http://roles/info?uid={uid}&hostnum={host}"));
+        assert_eq!(c.role_info_url.as_deref(), Some("https://roles/info?uid={uid}&hostnum={host}"));
+        assert_eq!(c.gs_list_url.as_deref(), Some("https://ops/servers.txt"));
+        assert_eq!(c.redis_url, "rediss://redis.internal:6380");
     }
 
     #[test]

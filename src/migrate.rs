@@ -665,8 +665,7 @@ pub async fn execute(
     let store = connect_target(config).await?;
     // The relay's own outbox drainer publishes the friend events (the role check is off:
     // nothing here adds a friend through `add`).
-    let relay: ImportRelay =
-        Relay::new(store, bus, RoleClient::new(None, Duration::from_secs(1)), ChatLimits::default());
+    let relay: ImportRelay = Relay::new(store, bus, RoleClient::off(), ChatLimits::default());
     let mut report = ImportReport::default();
 
     let mut usable_gms = BTreeSet::new();

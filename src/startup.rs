@@ -33,6 +33,8 @@ pub enum StartError {
     Redis { url: String, source: redis::RedisError },
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot set up the HTTP client (its TLS roots): {0}")]
+    HttpClient(reqwest::Error),
 }
 
 /// The async runtime the relay runs on: `threads` = 1 (the default) is a current-thread
@@ -58,6 +60,8 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     config: Config,
+    /// The server list's client, when there is a list to fetch.
+    gs_list_http: Option<reqwest::Client>,
 }
 
 impl Application {
@@ -81,7 +85,16 @@ impl Application {
         let store = RedisStore::connect(&config.redis_url)
             .await
             .map_err(|source| StartError::Redis { url: config.redis_url.clone(), source })?;
-        let roles = RoleClient::new(config.role_info_url.clone(), config.role_timeout);
+        let roles = match config.role_info_url.clone() {
+            Some(template) => {
+                RoleClient::new(template, config.role_timeout).map_err(StartError::HttpClient)?
+            }
+            None => RoleClient::off(),
+        };
+        let gs_list_http = match &config.gs_list_url {
+            Some(_) => Some(reqwest::Client::builder().build().map_err(StartError::HttpClient)?),
+            None => None,
+        };
         let relay: Arc<AppRelay> = Arc::new(Relay::new(
             store,
             bus,
@@ -103,7 +116,12 @@ impl Application {
             .session_key
             .clone()
             .map(|key| crate::console::Console::start(Arc::clone(&relay), Arc::clone(&access), key));
-        Ok(Self { listener, state: AppState { relay, access, metrics, ip_rate, console, native }, config })
+        Ok(Self {
+            listener,
+            state: AppState { relay, access, metrics, ip_rate, console, native },
+            config,
+            gs_list_http,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -123,7 +141,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let Application { listener, state, config } = self;
+        let Application { listener, state, config, gs_list_http } = self;
         // The native interface's own connection (see `adapters::native::REQUEST_BUFFER`).
         let native_client = state.native.clone();
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -141,9 +159,10 @@ impl Application {
                 }
             }
         });
-        let gs_list = config.gs_list_url.clone().map(|url| {
+        let gs_list = config.gs_list_url.clone().zip(gs_list_http).map(|(url, http)| {
             tokio::spawn(refresh_gs_list(
                 Arc::clone(&state.access),
+                http,
                 url,
                 config.gs_list_refresh,
                 stop_rx.clone(),
@@ -204,8 +223,13 @@ impl Application {
     }
 }
 
-async fn refresh_gs_list(access: Arc<Access>, url: String, every: Duration, mut stop: watch::Receiver<bool>) {
-    let http = reqwest::Client::new();
+async fn refresh_gs_list(
+    access: Arc<Access>,
+    http: reqwest::Client,
+    url: String,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         match access.refresh_gs_list(&http, &url).await {
             Ok(n) => tracing::info!(servers = n, "server list refreshed"),

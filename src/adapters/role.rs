@@ -14,27 +14,33 @@ const MAX_ROLE_REPLY_BYTES: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct RoleClient {
-    /// `None`: the check is off and every player is taken to exist.
-    template: Option<String>,
-    http: reqwest::Client,
+    /// The template and its client; `None`: the check is off and every player is taken to
+    /// exist.
+    service: Option<(String, reqwest::Client)>,
 }
 
 impl RoleClient {
-    pub fn new(template: Option<String>, timeout: Duration) -> Self {
-        let http =
-            reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build().unwrap_or_default();
-        Self { template, http }
+    /// Fails only when the TLS roots cannot be loaded (`SSL_CERT_FILE` names a file of
+    /// no valid certificates).
+    pub fn new(template: String, timeout: Duration) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build()?;
+        Ok(Self { service: Some((template, http)) })
+    }
+
+    /// The check turned off: every player exists.
+    pub fn off() -> Self {
+        Self { service: None }
     }
 }
 
 impl RoleService for RoleClient {
     async fn check(&self, host: HostId, uid: Uid) -> Result<RoleVerdict, RoleUnavailable> {
-        let Some(template) = &self.template else {
+        let Some((template, http)) = &self.service else {
             return Ok(RoleVerdict::Exists);
         };
         let url = template.replace("{uid}", &uid.to_string()).replace("{host}", &host.to_string());
         let unavailable = |e: &dyn std::fmt::Display| RoleUnavailable(e.to_string());
-        let response = self.http.get(&url).send().await.map_err(|e| unavailable(&e))?;
+        let response = http.get(&url).send().await.map_err(|e| unavailable(&e))?;
         if !response.status().is_success() {
             return Err(RoleUnavailable(format!("status {}", response.status())));
         }

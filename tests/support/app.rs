@@ -131,8 +131,12 @@ impl TestApp {
 
     /// Servers only; start a relay with [`TestApp::start`] or [`TestApp::start_process`].
     pub fn servers_only(settings: &[(&str, &str)]) -> TestApp {
+        Self::servers_with_redis(RedisServer::start(), settings)
+    }
+
+    /// [`TestApp::servers_only`] with a Redis of the test's own (one that takes TLS, say).
+    pub fn servers_with_redis(redis: RedisServer, settings: &[(&str, &str)]) -> TestApp {
         let nats = NatsServer::start();
-        let redis = RedisServer::start();
         let settings = settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         TestApp {
             nats,

@@ -447,22 +447,38 @@ pub struct RedisServer {
     dir: TempDir,
     log: PathBuf,
     runs: u32,
+    /// Set for a server that also takes TLS connections: its files and TLS port.
+    tls: Option<(tls::ServerFiles, u16)>,
 }
 
 impl RedisServer {
     /// Starts `redis-server --port P --bind 127.0.0.1 --save "" --appendonly no` on a free
     /// port and waits until it answers PING.
     pub fn start() -> RedisServer {
+        Self::start_with(None)
+    }
+
+    /// [`RedisServer::start`], plus a TLS port serving `files`' certificate (clients need
+    /// none of their own); the plain port stays for the harness's own checks.
+    pub fn start_tls(files: tls::ServerFiles) -> RedisServer {
+        Self::start_with(Some(files))
+    }
+
+    fn start_with(tls: Option<tls::ServerFiles>) -> RedisServer {
         let binary = find_binary("GM_RELAY_REDIS_SERVER", &[], "redis-server");
         let dir = tempfile::Builder::new()
             .prefix("gm-relay-redis-")
             .tempdir()
             .expect("create temp dir for redis-server");
+        let tls = tls.map(|files| (files, 0));
         let mut server =
-            RedisServer { child: Mutex::new(None), port: 0, binary, dir, log: PathBuf::new(), runs: 0 };
+            RedisServer { child: Mutex::new(None), port: 0, binary, dir, log: PathBuf::new(), runs: 0, tls };
         let mut last_log = String::new();
         for _ in 0..REDIS_PORT_ATTEMPTS {
             let port = free_port();
+            if let Some((_, tls_port)) = &mut server.tls {
+                *tls_port = free_port();
+            }
             match server.spawn(port) {
                 Ok(()) => {
                     server.port = port;
@@ -486,8 +502,18 @@ impl RedisServer {
             .args(["--save", ""])
             .args(["--appendonly", "no"])
             .arg("--dir")
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
+            .arg(self.dir.path());
+        if let Some((files, tls_port)) = &self.tls {
+            cmd.args(["--tls-port", &tls_port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&files.cert)
+                .arg("--tls-key-file")
+                .arg(&files.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&files.ca)
+                .args(["--tls-auth-clients", "no"]);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("clone log file handle"))
             .stderr(log_file);
         let child = spawn_child(cmd).unwrap_or_else(|e| {
@@ -510,6 +536,13 @@ impl RedisServer {
     /// `redis://127.0.0.1:<port>`. Panics with the server's log if it crashed.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port())
+    }
+
+    /// `rediss://127.0.0.1:<tls port>` of a server started with [`RedisServer::start_tls`].
+    pub fn tls_url(&self) -> String {
+        let (_, tls_port) = self.tls.as_ref().expect("a server started with TLS");
+        self.port();
+        format!("rediss://127.0.0.1:{tls_port}")
     }
 
     /// Panics with the server's log if it crashed.
@@ -626,3 +659,4 @@ pub mod app;
 pub mod cluster;
 pub mod console;
 pub mod relays;
+pub mod tls;
