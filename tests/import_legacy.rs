@@ -473,6 +473,30 @@ async fn imports_keys_written_as_the_original_writes_them() {
     import_twice_and_check(&source).await;
 }
 
+/// The original's `add` and `del` are not atomic: a `del` racing an `add` of the same
+/// player can leave the player befriended (its add already polled) with the `del`'s
+/// removal still pending for the same host. The import must not make that removal the
+/// host's last word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_left_pending_beside_a_friendship_is_followed_by_the_add() {
+    let source = RedisServer::start();
+    let conn = redis::Client::open(source.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut original = Direct { conn };
+    let ok = json!({"res": 1});
+    assert_eq!(original.gm("action=create&gm_account=7&gm_name=Alice").await, ok);
+    assert_eq!(original.gm("action=add&gm_account=7&host=3&uid=1005").await, ok);
+    assert_eq!(original.gs("action=relation&host=3").await["res"], 1);
+    // The racing `del`'s last write, after the add's.
+    original.run(redis::cmd("HSET").arg("remove_frd_list").arg("1005").arg("3")).await;
+
+    let target = Target::start();
+    import(&source.url(), &target).await;
+    let relay = RelayInstance::in_process(&target.settings()).await;
+    let c = relay.client();
+    assert_eq!(c.relation(3).await, (json!({"1005": ["7", "Alice"]}), json!([])), "befriended, as in Redis");
+    assert_eq!(c.del(7, 1005).await.res(), 1, "GM 7's player");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imports_what_the_original_app_wrote() {
     let source = RedisServer::start();

@@ -70,7 +70,9 @@ if rhost ~= '' then
 end
 if gm ~= '' then
   local rev = claim(gm, host, uid)
-  if apply == '1' then
+  -- A removal from this same host imported just above must not be the host's last word:
+  -- the player is befriended there now.
+  if apply == '1' or rhost == host then
     seq = emit({v = 1, id = aid, type = 'friend_add', host = host, uid = uid, gm = gm,
                 gm_name = name, ts = ts, rev = rev})
   end
