@@ -86,6 +86,9 @@ async fn native_and_legacy_hosts_share_one_relay() {
     );
     assert_eq!(added["v"], 1);
     assert!(added["rev"].as_u64().unwrap() >= 1);
+    // The GM's first player here: the GM's presence follows.
+    let presence = next(&native).await;
+    assert_eq!((&presence["type"], &presence["gm"]), (&json!("gm_online"), &json!("7")));
 
     // GM over legacy HTTP → native host.
     assert_eq!(app.gm_send(7, 1001, "你好 native").await.json(), json!({"res": 1}));
@@ -163,7 +166,12 @@ async fn presence_and_friend_changes_arrive_as_events() {
     app.add(7, 4, 1001).await;
     app.add(7, 4, 1002).await;
     let native = GameServer::connect(&app.nats.url(), 4, None).await.expect("binds host_4");
-    assert_eq!(drain(&native).await.len(), 2, "two friend_add events");
+    let kinds = |events: &[serde_json::Value]| -> Vec<String> {
+        events.iter().map(|e| e["type"].as_str().unwrap().to_owned()).collect()
+    };
+    let events = drain(&native).await;
+    // The GM's first player on the host brings the GM's presence with it.
+    assert_eq!(kinds(&events), ["friend_add", "gm_online", "friend_add"], "{events:?}");
 
     assert_eq!(app.gm("action=offline&gm_account=7").await.json(), json!({"res": 1}));
     assert_eq!(app.gm("action=online&gm_account=7").await.json(), json!({"res": 1}));
@@ -184,6 +192,52 @@ async fn presence_and_friend_changes_arrive_as_events() {
     assert_eq!(players[0]["rev"], 1);
 }
 
+/// A host hears of a GM's presence changes only while the GM has players there; the GM's
+/// first player on a host brings the GM's presence as it is then, so what the host heard
+/// while it had none is not its last word.
+#[tokio::test]
+async fn a_gms_first_player_on_a_host_brings_the_gms_presence() {
+    let app = TestApp::spawn().await;
+    app.create_gm(7, "Alice").await;
+    app.add(7, 4, 1001).await;
+    let native = GameServer::connect(&app.nats.url(), 4, None).await.expect("binds host_4");
+    let ok = json!({"res": 1});
+    assert_eq!(app.gm("action=offline&gm_account=7").await.json(), ok);
+    assert_eq!(app.gm("action=del&gm_account=7&uid=1001").await.json(), ok);
+    // Online with no player on host 4: nothing goes there.
+    assert_eq!(app.gm("action=online&gm_account=7").await.json(), ok);
+    app.add(7, 4, 1002).await;
+    assert_eq!(app.gm("action=offline&gm_account=7").await.json(), ok);
+    assert_eq!(app.gm("action=del&gm_account=7&uid=1002").await.json(), ok);
+    assert_eq!(app.gm("action=online&gm_account=7").await.json(), ok);
+    assert_eq!(app.gm("action=offline&gm_account=7").await.json(), ok);
+    // Added while offline: the host learns it is offline, though it last heard "online".
+    app.add(7, 4, 1003).await;
+    let events = drain(&native).await;
+    let seen: Vec<(&str, &str)> =
+        events.iter().map(|e| (e["type"].as_str().unwrap(), e["uid"].as_str().unwrap_or("-"))).collect();
+    assert_eq!(
+        seen,
+        [
+            ("friend_add", "1001"),
+            ("gm_online", "-"),
+            ("gm_offline", "-"),
+            ("friend_remove", "1001"),
+            ("friend_add", "1002"),
+            ("gm_online", "-"),
+            ("gm_offline", "-"),
+            ("friend_remove", "1002"),
+            ("friend_add", "1003"),
+            ("gm_offline", "-"),
+        ],
+        "{events:?}"
+    );
+    // The legacy view agrees: an offline GM is not listed as online on the host.
+    let online = app.gs("action=online&host=4").await;
+    assert_eq!(online.res(), 1, "{}", online.text());
+    assert_eq!(online.b64_json("data"), json!([]), "{}", online.text());
+}
+
 #[tokio::test]
 async fn a_server_that_was_down_gets_everything_it_missed_in_order() {
     let app = TestApp::spawn().await;
@@ -192,6 +246,7 @@ async fn a_server_that_was_down_gets_everything_it_missed_in_order() {
     {
         let native = GameServer::connect(&app.nats.url(), 4, None).await.expect("binds host_4");
         assert_eq!(next(&native).await["type"], "friend_add");
+        assert_eq!(next(&native).await["type"], "gm_online");
     } // the game server goes away
     for i in 0..5 {
         assert_eq!(app.gm_send(7, 1001, &format!("m{i}")).await.json(), json!({"res": 1}));

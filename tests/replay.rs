@@ -60,7 +60,7 @@ async fn a_hosts_events_come_again_from_a_sequence_or_an_age() {
     let js = app.jetstream().await;
     let native: PullConsumer =
         js.get_stream("GM_TO_HOST").await.unwrap().get_consumer(&format!("host_{HOST}")).await.unwrap();
-    assert_eq!(drain_native(&native).await, ["friend_add", "m0", "m1", "m2", "m3", "m4"]);
+    assert_eq!(drain_native(&native).await, ["friend_add", "gm_online", "m0", "m1", "m2", "m3", "m4"]);
     assert_eq!(consumer_backlog(&js, "GM_TO_HOST", &format!("host_{HOST}")).await, Some((0, 0)));
 
     // The game server lost m2 onwards: replay from m2's stream sequence.

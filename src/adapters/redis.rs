@@ -95,17 +95,19 @@ local K_ONLINE = P .. 'gm_online'
 local K_OUTBOX = P .. 'outbox'
 local K_OUTBOX_SEQ = P .. 'outbox:seq'
 -- Makes uid the player of gm on host: every key `add` writes but the outbox. Returns the
--- player's new revision. The caller has checked the GM exists and the player is free.
+-- player's new revision, and whether this is the GM's first player on host. The caller
+-- has checked the GM exists and the player is free.
 local function claim(gm, host, uid)
   local pk = k_player(uid)
   local rev = redis.call('HINCRBY', pk, 'rev', 1)
   redis.call('HSET', pk, 'gm', gm, 'host', host)
   redis.call('SADD', k_friends(gm), uid)
   redis.call('SADD', k_players(host), uid)
-  if redis.call('HINCRBY', k_hosts(gm), host, 1) == 1 and redis.call('SISMEMBER', K_ONLINE, gm) == 1 then
+  local first = redis.call('HINCRBY', k_hosts(gm), host, 1) == 1
+  if first and redis.call('SISMEMBER', K_ONLINE, gm) == 1 then
     redis.call('SADD', k_online_gms(host), gm)
   end
-  return rev
+  return rev, first
 end
 local function emit(event)
   local seq = redis.call('INCR', K_OUTBOX_SEQ)
@@ -139,9 +141,17 @@ local gm, host, uid, id, ts = ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[
 local name = redis.call('GET', k_name(gm))
 if not name then return {2} end
 if redis.call('HEXISTS', k_player(uid), 'gm') == 1 then return {3} end
-local rev = claim(gm, host, uid)
-return {0, emit({v = 1, id = id, type = 'friend_add', host = host, uid = uid, gm = gm,
-                 gm_name = name, ts = ts, rev = rev})}
+local rev, first = claim(gm, host, uid)
+local seq = emit({v = 1, id = id, type = 'friend_add', host = host, uid = uid, gm = gm,
+                  gm_name = name, ts = ts, rev = rev})
+-- A host hears of a GM's presence changes only while the GM has players there, so what it
+-- last heard may be stale: the GM's first player there brings the GM's presence now.
+if first then
+  local mode = redis.call('SISMEMBER', K_ONLINE, gm) == 1 and 'online' or 'offline'
+  seq = emit({v = 1, id = id .. '.' .. host, type = 'gm_' .. mode, host = host, gm = gm,
+              gm_name = name, ts = ts})
+end
+return {0, seq}
 "#;
 
 /// ARGV: prefix, gm, uid, event id, ts. Returns {errno, outbox seq}.

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use futures::StreamExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::common::*;
 use crate::support::app::{stored_events, StoredEvent, TestApp};
@@ -25,7 +25,8 @@ fn assert_common(e: &StoredEvent, kind: &str, since_ms: i64, until_ms: i64) {
     let id = b["id"].as_str().unwrap_or_else(|| panic!("id is a string: {b}"));
     assert!(!id.is_empty());
     assert_eq!(e.msg_id.as_deref(), Some(id), "Nats-Msg-Id is the envelope id");
-    for field in ["host", "uid", "gm"] {
+    let presence = kind.starts_with("gm_");
+    for field in ["host", "uid", "gm"].into_iter().filter(|f| !(presence && *f == "uid")) {
         assert!(b[field].is_string(), "{field} is a string: {b}");
     }
     assert_eq!(b["host"], HOST.to_string());
@@ -62,7 +63,8 @@ async fn chat_and_friend_envelopes_follow_the_contract() {
     let kinds: Vec<&str> = to_host.iter().map(|e| e.body["type"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
-        ["friend_add", "friend_add", "chat", "friend_remove", "friend_add", "friend_remove"],
+        // The GM's first player on the host brings the GM's presence.
+        ["friend_add", "gm_online", "friend_add", "chat", "friend_remove", "friend_add", "friend_remove"],
         "GM_TO_HOST in commit order"
     );
     assert!(to_host.iter().all(|e| e.subject == "gm.to.host.3"));
@@ -70,7 +72,7 @@ async fn chat_and_friend_envelopes_follow_the_contract() {
     assert_eq!(to_gm[0].subject, "gs.to.gm.7");
 
     // Chat, both directions: text as UTF-8, exactly as sent (not base64).
-    let chat = &to_host[2];
+    let chat = &to_host[3];
     assert_common(chat, "chat", since, until);
     assert_eq!(chat.body["uid"], "1001");
     assert_eq!(chat.body["text"], to_player);
@@ -78,9 +80,15 @@ async fn chat_and_friend_envelopes_follow_the_contract() {
     assert_eq!(to_gm[0].body["uid"], "1001");
     assert_eq!(to_gm[0].body["text"], "from the player");
 
+    // The presence event: the GM, its name, no player.
+    let presence = &to_host[1];
+    assert_common(presence, "gm_online", since, until);
+    assert_eq!((&presence.body["gm"], &presence.body["gm_name"]), (&json!(GM.to_string()), &json!(GM_NAME)));
+    assert_eq!(presence.body.get("uid"), None, "{}", presence.body);
+
     // Friend events: gm_name, and rev growing per uid.
     let mut revs: HashMap<String, Vec<u64>> = HashMap::new();
-    for e in to_host.iter().filter(|e| e.body["type"] != "chat") {
+    for e in to_host.iter().filter(|e| e.body["type"].as_str().is_some_and(|t| t.starts_with("friend_"))) {
         let kind = e.body["type"].as_str().unwrap();
         assert_common(e, kind, since, until);
         assert_eq!(e.body["gm_name"], GM_NAME, "{}", e.body);

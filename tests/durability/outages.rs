@@ -73,7 +73,7 @@ async fn nats_down_answers_errno_10_then_recovers_by_itself() {
     // wait) and the outbox publishes it once NATS is back.
     let (r, took) = timed(&app, &format!("/gm?action=add&gm_account={GM}&host={HOST}&uid=1002")).await;
     assert_eq!(r.json(), json!({"res": 1}), "add while NATS is down (after {took:?})");
-    assert_eq!(outbox_len(&app).await, 1);
+    assert_eq!(outbox_len(&app).await, 1, "one friend_add (not the GM's first player here)");
 
     app.nats.restart();
     app.wait_readyz(200, RECOVERY).await;

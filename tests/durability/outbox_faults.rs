@@ -26,9 +26,12 @@ async fn friend_events(app: &TestApp) -> Vec<StoredEvent> {
     stored_events(&js, "GM_TO_HOST", &format!("gm.to.host.{HOST}"))
         .await
         .into_iter()
-        .filter(|e| e.body["type"] != "chat")
+        .filter(|e| e.body["type"].as_str().is_some_and(|t| t.starts_with("friend_")))
         .collect()
 }
+
+/// Outbox entries of a GM's first add on a host: the `friend_add`, then the GM's presence.
+const FIRST_ADD_EVENTS: u64 = 2;
 
 /// A relay process with the fault point `fault` armed, and GM `GM` created.
 async fn process_with_fault(fault: &str) -> TestApp {
@@ -39,7 +42,7 @@ async fn process_with_fault(fault: &str) -> TestApp {
 }
 
 /// Sends a relation poll of `HOST` to a relay with `poll_after_fetch` armed and waits until
-/// it has fetched the one friend event waiting and parked; its client waits, so nothing
+/// it has fetched the events of the one add waiting and parked; its client waits, so nothing
 /// cancels it. Returns the client's task.
 async fn park_relation_poll(app: &TestApp) -> tokio::task::JoinHandle<reqwest::Result<reqwest::StatusCode>> {
     let url = format!("{}/gs?action=relation&host={HOST}", app.base_url());
@@ -48,7 +51,11 @@ async fn park_relation_poll(app: &TestApp) -> tokio::task::JoinHandle<reqwest::R
     let durable = format!("legacy_rel_{HOST}");
     wait_until_async(DEADLINE, "the parked poll fetched the add", || {
         let (js, durable) = (&js, &durable);
-        async move { consumer_backlog(js, "GM_TO_HOST", durable).await.is_some_and(|(_, acking)| acking == 1) }
+        async move {
+            consumer_backlog(js, "GM_TO_HOST", durable)
+                .await
+                .is_some_and(|(_, acking)| acking as u64 == FIRST_ADD_EVENTS)
+        }
     })
     .await;
     parked
@@ -86,11 +93,11 @@ async fn killed_before_publish_the_next_relay_publishes_at_start_up() {
     assert_eq!(app.relation(HOST).await, no_changes(), "nothing published yet");
     assert!(friend_events(&app).await.is_empty());
     assert_eq!(player_gm(&app, UID).await.as_deref(), Some("7"), "committed in Redis");
-    assert_eq!(outbox_len(&app).await, 1, "the event waits in the outbox");
+    assert_eq!(outbox_len(&app).await, FIRST_ADD_EVENTS, "the events wait in the outbox");
     app.wait_polls_settled(DEADLINE).await;
 
     app.kill_process();
-    assert_eq!(outbox_len(&app).await, 1);
+    assert_eq!(outbox_len(&app).await, FIRST_ADD_EVENTS);
     app.start_process(&[]).await;
     let took = wait_outbox_drained(&app, OUTBOX_LEASE_TTL + Duration::from_secs(3)).await;
     eprintln!("outbox drained {took:?} after the restart");
@@ -107,7 +114,7 @@ async fn killed_after_publish_the_republish_is_deduplicated() {
     // Published and acknowledged, but still in the outbox.
     let stored = friend_events(&app).await;
     assert_eq!(stored.len(), 1, "{stored:?}");
-    assert_eq!(outbox_len(&app).await, 1, "the entry is not removed yet");
+    assert_eq!(outbox_len(&app).await, FIRST_ADD_EVENTS, "the entries are not removed yet");
     let published: Option<u64> = redis_query(&app, &["GET", "gmr:outbox:published"]).await;
     assert_eq!(published, None, "nothing recorded as published");
 
@@ -115,7 +122,7 @@ async fn killed_after_publish_the_republish_is_deduplicated() {
     app.start_process(&[]).await;
     wait_outbox_drained(&app, OUTBOX_LEASE_TTL + Duration::from_secs(3)).await;
     let published: Option<u64> = redis_query(&app, &["GET", "gmr:outbox:published"]).await;
-    assert_eq!(published, Some(1), "the republish was acknowledged");
+    assert_eq!(published, Some(FIRST_ADD_EVENTS), "the republish was acknowledged");
     assert_applied_once(&app).await;
     assert_eq!(
         friend_events(&app).await[0].body["id"],
@@ -218,7 +225,8 @@ async fn a_refused_friend_event_is_not_overtaken_by_the_players_next_one() {
     .await;
     let stored = friend_events(&app).await;
     assert_eq!(stored.len(), 1, "the add was stored ahead of the refused remove: {stored:?}");
-    assert_eq!(outbox_len(&app).await, 2);
+    // The remove, the other GM's add and that GM's presence (its first player here).
+    assert_eq!(outbox_len(&app).await, 3);
 
     set_max_msg_size(&app, -1).await;
     wait_outbox_drained(&app, DEADLINE).await;
