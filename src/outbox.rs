@@ -37,8 +37,10 @@ const OUTBOX_BATCH: usize = 256;
 /// by other relays whose drainer is gone.
 const OUTBOX_IDLE_CHECK: Duration = Duration::from_millis(250);
 
-/// Pause after a failed round, so a broker outage is not hammered.
-const OUTBOX_RETRY_BACKOFF: Duration = Duration::from_millis(200);
+/// Pause after a failed round, so a broker outage is not hammered. Longer than
+/// [`OUTBOX_IDLE_CHECK`]: a relay whose own connection is what fails (half-open, say) lets
+/// the others, which look every 250 ms, take the lease first.
+const OUTBOX_RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
 impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
     /// Drains the outbox until `shutdown` flips, then drains once more.

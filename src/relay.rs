@@ -450,13 +450,14 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             }
             if wait.await.is_err() {
                 // Another relay may hold the outbox lease: its progress is in the store.
-                if let Ok(done) = self.store.outbox_published_seq().await {
+                // The store is the truth either way: a position below ours means Redis
+                // lost its last writes (a crash, a failover), and the sequence restarted.
+                let read = tokio::time::timeout_at(deadline, self.store.outbox_published_seq()).await;
+                if let Ok(Ok(done)) = read {
                     self.outbox_published.send_if_modified(|cur| {
-                        let advanced = done > *cur;
-                        if advanced {
-                            *cur = done;
-                        }
-                        advanced
+                        let moved = done != *cur;
+                        *cur = done;
+                        moved
                     });
                 }
             }

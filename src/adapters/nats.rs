@@ -235,7 +235,15 @@ pub async fn connect(
     connect_with(options(nkey_seed, client_name), urls).await
 }
 
-/// The relay's connection options: credentials, name, start-up bound and event logging.
+/// How often the relay's connections ping the server. The client drops a connection once
+/// more than two pings go unanswered, so a half-open connection (the server gone without
+/// a reset) is left within about 30 s rather than the default 3 minutes: well inside the
+/// streams' 2-minute de-duplication window, so publishes stuck in its socket cannot reach
+/// the server after their retries were stored and de-duplicated no more.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The relay's connection options: credentials, name, start-up bound, keep-alive and
+/// event logging.
 pub fn options(nkey_seed: Option<&str>, client_name: &str) -> async_nats::ConnectOptions {
     let options = match nkey_seed {
         Some(seed) => async_nats::ConnectOptions::with_nkey(seed.to_owned()),
@@ -243,15 +251,17 @@ pub fn options(nkey_seed: Option<&str>, client_name: &str) -> async_nats::Connec
     };
     let slow = Arc::new(SlowConsumerLog::default());
     let connection: Arc<str> = client_name.into();
-    options.name(client_name).connection_timeout(CONNECT_TIMEOUT).event_callback(move |event| {
-        let (slow, connection) = (Arc::clone(&slow), Arc::clone(&connection));
-        async move {
-            match event {
-                async_nats::Event::SlowConsumer(sid) => slow.record(&connection, sid),
-                event => tracing::info!(%event, %connection, "nats connection event"),
+    options.name(client_name).connection_timeout(CONNECT_TIMEOUT).ping_interval(PING_INTERVAL).event_callback(
+        move |event| {
+            let (slow, connection) = (Arc::clone(&slow), Arc::clone(&connection));
+            async move {
+                match event {
+                    async_nats::Event::SlowConsumer(sid) => slow.record(&connection, sid),
+                    event => tracing::info!(%event, %connection, "nats connection event"),
+                }
             }
-        }
-    })
+        },
+    )
 }
 
 /// Connects with `options` to `urls` (see [`connect`]).
