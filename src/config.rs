@@ -90,7 +90,7 @@ pub const SETTINGS: &[(&str, &str, &str)] = &[
     ("GM_RELAY_TRUSTED_PROXIES", "", "proxies whose X-Real-IP / X-Forwarded-For are believed"),
     ("GM_RELAY_RETENTION_MAX_AGE", "7d", "how long a stream keeps a message"),
     ("GM_RELAY_RETENTION_MAX_BYTES", "10GiB", "size bound of each stream"),
-    ("GM_RELAY_STREAM_REPLICAS", "1", "stream replicas (3 on a cluster)"),
+    ("GM_RELAY_STREAM_REPLICAS", "1", "stream replicas (3 or 5 on a cluster)"),
     ("GM_RELAY_CONSUMER_REPLICAS", "", "consumer replicas, at most the streams'; empty = as the streams"),
     ("GM_RELAY_RATE_GM_PER_S", "10", "GM sends per second per GM; 0 = off"),
     ("GM_RELAY_RATE_PLAYER_PER_S", "5", "player sends per second per player; 0 = off"),

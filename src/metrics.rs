@@ -9,7 +9,8 @@ use prometheus::{
 
 pub struct Metrics {
     registry: Registry,
-    /// Legacy requests by side (`gm`/`gs`), action and result (`ok`, `errno_N`, `refused`, ...).
+    /// Requests by side (`gm`/`gs` legacy, `native`), action and result (`ok`, `errno_N`,
+    /// `refused`, ...).
     pub requests: IntCounterVec,
     /// Time from publish to the broker's acknowledgement, by subject kind.
     pub publish_seconds: HistogramVec,

@@ -54,7 +54,6 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .or_else(|| which("nats-server", &[]))
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gm-relay")));
     let redis = which("redis-server", &[]).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gm-relay")));
-    let sentinel = which("redis-sentinel", &[]).unwrap_or_else(|| redis.clone());
     let dir = tempfile::tempdir().unwrap();
     let mut units = Vec::new();
     for entry in fs::read_dir(root().join("deploy/systemd")).unwrap() {
@@ -63,8 +62,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
             let text = read(&path)
                 .replace("/usr/local/bin/gm-relay", env!("CARGO_BIN_EXE_gm-relay"))
                 .replace("/usr/local/bin/nats-server", nats.to_str().unwrap())
-                .replace("/usr/bin/redis-server", redis.to_str().unwrap())
-                .replace("/usr/bin/redis-sentinel", sentinel.to_str().unwrap());
+                .replace("/usr/bin/redis-server", redis.to_str().unwrap());
             let copy = dir.path().join(path.file_name().unwrap());
             fs::write(&copy, text).unwrap();
             units.push(copy);
