@@ -14,7 +14,7 @@ use crate::domain::ports::{
     Route, Settle,
 };
 use crate::domain::rate::RateLimiter;
-use crate::domain::{Backend, ChatText, Envelope, Errno, GmId, GmName, HostId, RelayError, Uid};
+use crate::domain::{ChatText, Envelope, Errno, GmId, GmName, HostId, RelayError, Uid};
 
 /// Hosts numbered from here on are "external" servers whose players the role service must
 /// confirm (the original's `is_inter_server`).
@@ -323,20 +323,9 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             let want = FETCH_BATCH.min(MAX_FETCH_PER_POLL - before);
             // The round appends each message as it arrives, so one that fails or is cut
             // part-way still leaves what it received to be served or nak'd.
-            let round =
-                tokio::time::timeout_at(give_up, self.bus.fetch(feed, want, &mut fetching.deliveries)).await;
-            let failed = match round {
-                Ok(Ok(())) => None,
-                Ok(Err(failed)) => Some(failed),
-                Err(elapsed) => Some(FetchFailed {
-                    error: RelayError::unavailable(
-                        Backend::Nats,
-                        format!("fetch round cut at the poll's budget: {elapsed}"),
-                    ),
-                    requested: true,
-                }),
-            };
-            if let Some(FetchFailed { error, requested }) = failed {
+            // The round ends by the poll's budget (the port bounds itself).
+            let round = self.bus.fetch(feed, want, &mut fetching.deliveries, give_up).await;
+            if let Err(FetchFailed { error, requested }) = round {
                 if requested {
                     // The broker may have handed out messages that never arrived here:
                     // they are due again only after the ack wait, so the lease must run

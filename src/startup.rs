@@ -202,14 +202,24 @@ impl Application {
             }
         };
         let _ = stop_tx.send(true);
-        if tokio::time::timeout_at(deadline, outbox).await.is_err() {
-            tracing::warn!("outbox drain did not finish in time; the next relay to start publishes the rest");
-        }
-        let _ = tokio::time::timeout_at(deadline, native).await;
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if !relay.bus().flush_history(left).await {
-            tracing::warn!("history copies not all written in time; the console history misses them");
-        }
+        // Side by side: the outbox keeps what it could not publish in Redis, but history
+        // copies are queued in memory only, so a slow outbox drain must not use up their
+        // time. The copies of native sends come once the native requests are answered.
+        let outbox = async {
+            if tokio::time::timeout_at(deadline, outbox).await.is_err() {
+                tracing::warn!(
+                    "outbox drain did not finish in time; the next relay to start publishes the rest"
+                );
+            }
+        };
+        let history = async {
+            let _ = tokio::time::timeout_at(deadline, native).await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !relay.bus().flush_history(left).await {
+                tracing::warn!("history copies not all written in time; the console history misses them");
+            }
+        };
+        tokio::join!(outbox, history);
         if let Some(task) = gs_list {
             task.abort();
         }

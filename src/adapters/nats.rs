@@ -653,6 +653,9 @@ impl JetStreamBus {
     async fn publish_payload(&self, route: Route, id: &str, payload: Bytes) -> Result<Stored, RelayError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
+        // Set once an attempt failed: it may have been stored all the same, and then the
+        // next attempt's "duplicate" is this publish's own first copy.
+        let mut retried = false;
         let acked = loop {
             // One timer per attempt (this runs for every message): the attempt's end, or the
             // overall deadline when that comes first.
@@ -678,10 +681,15 @@ impl JetStreamBus {
             }
             tracing::debug!(%id, error = %error, "publish not acknowledged; retrying with the same id");
             self.metrics.publish_retries.with_label_values(&[Self::route_label(route)]).inc();
+            retried = true;
             tokio::time::sleep(PUBLISH_RETRY_PAUSE).await;
         };
         self.stored(route);
-        if acked.duplicate {
+        // A duplicate after a retry cannot be told from our own earlier attempt: counted as
+        // stored now, the truth either way (the message is stored), where "duplicate"
+        // could make a game server send its text again under another key.
+        let duplicate = acked.duplicate && !retried;
+        if duplicate {
             tracing::debug!(%id, "publish was a duplicate; already stored");
             self.metrics.publish_duplicates.with_label_values(&[Self::route_label(route)]).inc();
         }
@@ -689,7 +697,7 @@ impl JetStreamBus {
             .publish_seconds
             .with_label_values(&[Self::route_label(route)])
             .observe(started.elapsed().as_secs_f64());
-        Ok(Stored { seq: acked.sequence, duplicate: acked.duplicate })
+        Ok(Stored { seq: acked.sequence, duplicate })
     }
 }
 
@@ -783,14 +791,20 @@ impl EventBus for JetStreamBus {
         feed: Feed,
         max: usize,
         into: &mut Vec<Delivery<Self::Handle>>,
+        until: tokio::time::Instant,
     ) -> Result<(), FetchFailed> {
-        // Until the pull request is sent, the broker has handed out nothing.
+        // Until the pull request is sent, the broker has handed out nothing: a slow
+        // consumer lookup cut at `until` leaves nothing in doubt.
         let not_requested = |error| FetchFailed { error, requested: false };
-        let Some(consumer) = self.consumer(feed).await.map_err(not_requested)? else {
+        let looked_up = tokio::time::timeout_at(until, self.consumer(feed)).await.map_err(|elapsed| {
+            not_requested(unavailable(format!("consumer lookup cut at the poll's budget: {elapsed}")))
+        })?;
+        let Some(consumer) = looked_up.map_err(not_requested)? else {
             // Nothing was ever sent to this host: nothing to serve.
             return Ok(());
         };
-        let fetched = tokio::time::timeout(FETCH_TIMEOUT, async {
+        let fetch_end = until.min(tokio::time::Instant::now() + FETCH_TIMEOUT);
+        let fetched = tokio::time::timeout_at(fetch_end, async {
             let mut batch = consumer.fetch().max_messages(max).messages().await.map_err(unavailable)?;
             while let Some(message) = batch.next().await {
                 // A status other than "no more messages" (a consumer leader change) ends

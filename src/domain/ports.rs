@@ -105,14 +105,17 @@ pub trait EventBus: Send + Sync + 'static {
         events: &[(Route, Envelope)],
     ) -> impl Future<Output = (usize, Option<RelayError>)> + Send;
 
-    /// Fetches what is waiting on a feed, at most `max`, without waiting for more. Each
-    /// message is appended to `into` as it arrives, so a round that fails or is dropped
-    /// part-way leaves what it received with the caller, to be served or nak'd.
+    /// Fetches what is waiting on a feed, at most `max`, without waiting for more, and
+    /// ends by `until` (a round still running then fails, `requested` telling whether the
+    /// broker may have handed anything out). Each message is appended to `into` as it
+    /// arrives, so a round that fails or is dropped part-way leaves what it received with
+    /// the caller, to be served or nak'd.
     fn fetch<'a>(
         &'a self,
         feed: Feed,
         max: usize,
         into: &'a mut Vec<Delivery<Self::Handle>>,
+        until: tokio::time::Instant,
     ) -> impl Future<Output = Result<(), FetchFailed>> + Send + 'a;
 
     /// Makes sure the native consumer `host_<n>` exists, so a game server can bind it.

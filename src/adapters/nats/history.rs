@@ -76,18 +76,24 @@ impl HistoryWriter {
         Self { jobs, metrics }
     }
 
-    /// Queues a copy; waits only while the queue is full.
+    /// Queues a copy; waits only while the queue is full. A copy that is not queued is
+    /// counted and logged, also when the caller stops waiting (its request went away).
     pub async fn record(&self, copy: Copy) {
-        if let Err(e) = self.jobs.send_timeout(Job::Copy(copy), ENQUEUE_TIMEOUT).await {
-            self.metrics.history_lost.inc();
-            let (reason, job) = match e {
-                mpsc::error::SendTimeoutError::Timeout(job) => ("the history writer is behind", job),
-                mpsc::error::SendTimeoutError::Closed(job) => ("the history writer stopped", job),
-            };
-            if let Job::Copy(copy) = job {
-                tracing::error!(id = %copy.id, reason, "chat message delivered but not recorded in the console history");
+        let copy = match self.jobs.try_send(Job::Copy(copy)) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => job,
+        };
+        let Job::Copy(Copy { id, .. }) = &copy else { return };
+        let mut unrecorded =
+            Unrecorded { id: Some(id.clone()), reason: "its request went away", metrics: &self.metrics };
+        unrecorded.reason = match self.jobs.send_timeout(copy, ENQUEUE_TIMEOUT).await {
+            Ok(()) => {
+                unrecorded.id = None;
+                return;
             }
-        }
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => "the history writer is behind",
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => "the history writer stopped",
+        };
     }
 
     /// Resolves once every copy queued before this call was written (or given up), or at
@@ -99,6 +105,24 @@ impl HistoryWriter {
         })
         .await
         .unwrap_or(false)
+    }
+}
+
+/// A copy that is not queued: counted and logged when dropped, which happens also when the
+/// request waiting to queue it is cancelled.
+struct Unrecorded<'a> {
+    /// None once the copy is queued after all.
+    id: Option<String>,
+    reason: &'static str,
+    metrics: &'a Metrics,
+}
+
+impl Drop for Unrecorded<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = &self.id {
+            self.metrics.history_lost.inc();
+            tracing::error!(%id, reason = self.reason, "chat message delivered but not recorded in the console history");
+        }
     }
 }
 
