@@ -176,17 +176,12 @@ async fn write(
                 }
             }
             Ok(()) => {
-                let results = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(js, &pending)).await;
-                pending = match results {
-                    Ok(results) => pending
-                        .into_iter()
-                        .zip(results)
-                        .filter_map(|((copy, _), result)| result.err().map(|e| (copy, e)))
-                        .collect(),
-                    Err(_) => {
-                        pending.into_iter().map(|(copy, _)| (copy, "no PubAck in time".to_owned())).collect()
-                    }
-                };
+                let results = attempt(js, &pending, tokio::time::Instant::now() + ATTEMPT_TIMEOUT).await;
+                pending = pending
+                    .into_iter()
+                    .zip(results)
+                    .filter_map(|((copy, _), result)| result.err().map(|e| (copy, e)))
+                    .collect();
             }
         }
         if pending.is_empty() || tokio::time::Instant::now() + RETRY_PAUSE >= give_up {
@@ -196,19 +191,35 @@ async fn write(
     }
 }
 
-/// Publishes every copy, then awaits all PubAcks; one result per copy, in order.
-async fn attempt(js: &jetstream::Context, copies: &[(Copy, String)]) -> Vec<Result<(), String>> {
+/// Publishes every copy, then awaits the PubAcks until `until`; one result per copy, in
+/// order. A copy acknowledged before `until` counts as written even if others were not,
+/// so a slow batch is not sent again whole.
+async fn attempt(
+    js: &jetstream::Context,
+    copies: &[(Copy, String)],
+    until: tokio::time::Instant,
+) -> Vec<Result<(), String>> {
+    const LATE: &str = "no PubAck in time";
     let mut acks: Vec<Result<PublishAckFuture, String>> = Vec::with_capacity(copies.len());
     for (copy, _) in copies {
         let mut message = PublishMessage::build().payload(copy.payload.clone()).message_id(&copy.id);
         if let Some(seq) = copy.delivery_seq {
             message = message.header(DELIVERY_SEQ_HEADER, seq.to_string().as_str());
         }
-        acks.push(js.send_publish(copy.subject.clone(), message).await.map_err(|e| e.to_string()));
+        // Copies not sent by `until` (the client's buffer full) keep the "late" result.
+        acks.push(
+            match tokio::time::timeout_at(until, js.send_publish(copy.subject.clone(), message)).await {
+                Ok(sent) => sent.map_err(|e| e.to_string()),
+                Err(_) => Err(LATE.to_owned()),
+            },
+        );
     }
     join_all(acks.into_iter().map(|ack| async move {
         match ack {
-            Ok(ack) => ack.into_future().await.map(drop).map_err(|e| e.to_string()),
+            Ok(ack) => match tokio::time::timeout_at(until, ack.into_future()).await {
+                Ok(acked) => acked.map(drop).map_err(|e| e.to_string()),
+                Err(_) => Err(LATE.to_owned()),
+            },
             Err(e) => Err(e),
         }
     }))
