@@ -83,7 +83,7 @@ pub const POLL_LEASE_TTL: Duration = Duration::from_secs(15);
 /// it (and the connection is given up, so the client never reads it): the acks that
 /// follow a written reply take at most the NATS adapter's `SETTLE_TIMEOUT` (2 s), and
 /// 12 + 2 s ends the turn within its lease ([`POLL_LEASE_TTL`]) with 1 s to spare. A
-/// reply of up to 10,000 entries is written in milliseconds to a client that reads.
+/// reply of up to 1,000 entries is written in milliseconds to a client that reads.
 pub const POLL_REPLY_BUDGET: Duration = Duration::from_secs(12);
 
 /// A friend change answers once committed; it waits up to this long for its event to be

@@ -60,8 +60,8 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     config: Config,
-    /// The server list's client, when there is a list to fetch.
-    gs_list_http: Option<reqwest::Client>,
+    /// The server list's URL and its client, when there is a list to fetch.
+    gs_list: Option<(String, reqwest::Client)>,
 }
 
 impl Application {
@@ -91,8 +91,10 @@ impl Application {
             }
             None => RoleClient::off(),
         };
-        let gs_list_http = match &config.gs_list_url {
-            Some(_) => Some(reqwest::Client::builder().build().map_err(StartError::HttpClient)?),
+        let gs_list = match &config.gs_list_url {
+            Some(url) => {
+                Some((url.clone(), reqwest::Client::builder().build().map_err(StartError::HttpClient)?))
+            }
             None => None,
         };
         let relay: Arc<AppRelay> = Arc::new(Relay::new(
@@ -120,7 +122,7 @@ impl Application {
             listener,
             state: AppState { relay, access, metrics, ip_rate, console, native },
             config,
-            gs_list_http,
+            gs_list,
         })
     }
 
@@ -141,7 +143,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let Application { listener, state, config, gs_list_http } = self;
+        let Application { listener, state, config, gs_list } = self;
         // The native interface's own connection (see `adapters::native::REQUEST_BUFFER`).
         let native_client = state.native.clone();
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -159,7 +161,7 @@ impl Application {
                 }
             }
         });
-        let gs_list = config.gs_list_url.clone().zip(gs_list_http).map(|(url, http)| {
+        let gs_list = gs_list.map(|(url, http)| {
             tokio::spawn(refresh_gs_list(
                 Arc::clone(&state.access),
                 http,
