@@ -14,6 +14,7 @@ use crate::domain::ports::{
     Route, Settle,
 };
 use crate::domain::rate::RateLimiter;
+use crate::domain::recent::RecentIds;
 use crate::domain::{ChatText, Envelope, Errno, GmId, GmName, HostId, RelayError, Uid};
 
 /// Hosts numbered from here on are "external" servers whose players the role service must
@@ -113,6 +114,8 @@ pub struct Relay<S, B, R> {
     gm_rate: RateLimiter<GmId>,
     player_rate: RateLimiter<Uid>,
     resync_rate: RateLimiter<HostId>,
+    /// Keyed native sends stored lately: their retries skip the rate limit.
+    native_stored: RecentIds,
     /// Wakes the outbox drainer after a commit.
     pub(crate) outbox_kick: Notify,
     /// Newest outbox seq this relay knows to be published.
@@ -146,6 +149,7 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             gm_rate: RateLimiter::new(limits.gm_per_s),
             player_rate: RateLimiter::new(limits.player_per_s),
             resync_rate: RateLimiter::new(RESYNC_PAGES_PER_HOST_PER_S),
+            native_stored: RecentIds::default(),
             outbox_kick: Notify::new(),
             outbox_published: watch::channel(0).0,
             poll_locks: Mutex::new(HashMap::new()),
@@ -248,13 +252,22 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
             return Err(Errno::WrongHost.into());
         }
         let text = ChatText::new(text).ok_or(Errno::BadMsg)?;
+        // Keys are the host's own: prefix them so two hosts' keys never collide.
+        let keyed = key.map(|k| format!("h{host}-{k}"));
+        if let Some(id) = keyed.as_ref().filter(|id| self.native_stored.contains(id)) {
+            // A retry of a send this relay stored: answered without taking the player's
+            // rate-limit token, which its first attempt already took.
+            return Ok((id.clone(), true));
+        }
         if !self.player_rate.allow(&uid) {
             return Err(Errno::RateLimited.into());
         }
-        // Keys are the host's own: prefix them so two hosts' keys never collide.
-        let id = key.map(|k| format!("h{host}-{k}")).unwrap_or_else(new_event_id);
-        let event = Envelope::chat(id, host, uid, link.gm, text.as_str(), now_ms());
+        let event =
+            Envelope::chat(keyed.unwrap_or_else(new_event_id), host, uid, link.gm, text.as_str(), now_ms());
         let stored = self.bus.publish_chat(Route::ToGm(link.gm), &event).await?;
+        if key.is_some() {
+            self.native_stored.insert(event.id.clone());
+        }
         Ok((event.id, stored.duplicate))
     }
 

@@ -159,6 +159,29 @@ async fn native_send_checks_and_idempotency() {
     assert_eq!(inbox["7"], vec![("1001".to_owned(), vec!["once".to_owned()])], "stored once");
 }
 
+/// A game server that retries a stored send (its reply was lost) is told "duplicate",
+/// not refused by the player's rate limit, which the first attempt already charged.
+#[tokio::test]
+async fn a_retried_send_is_not_refused_by_the_rate_limit() {
+    let app = TestApp::spawn_with(&[("GM_RELAY_RATE_PLAYER_PER_S", "1")]).await;
+    app.create_gm(7, "Alice").await;
+    app.add(7, 4, 1001).await;
+    let native = GameServer::connect(&app.nats.url(), 4, None).await.expect("binds host_4");
+    let first = native.send(1001, "once", "k1").await.unwrap();
+    assert_eq!(first["ok"], true, "{first}");
+    let retry = native.send(1001, "once", "k1").await.unwrap();
+    assert_eq!(
+        (&retry["ok"], &retry["duplicate"], &retry["id"]),
+        (&json!(true), &json!(true), &first["id"]),
+        "{retry}"
+    );
+    // A new message is still held to the limit.
+    let next = native.send(1001, "twice", "k2").await.unwrap();
+    assert_eq!((&next["ok"], &next["errno"]), (&json!(false), &json!(8)), "{next}");
+    let inbox = app.gm_receive().await;
+    assert_eq!(inbox["7"], vec![("1001".to_owned(), vec!["once".to_owned()])], "stored once");
+}
+
 #[tokio::test]
 async fn presence_and_friend_changes_arrive_as_events() {
     let app = TestApp::spawn().await;

@@ -9,6 +9,7 @@ pub mod order;
 pub mod poll;
 pub mod ports;
 pub mod rate;
+pub mod recent;
 pub mod session;
 pub mod text;
 
