@@ -545,7 +545,14 @@ impl fmt::Display for Plan {
             self.gms.len(),
             self.gms.iter().filter(|g| g.online).count(),
             hosts.len(),
-            self.players.iter().filter(|p| p.pending_add).count(),
+            // A friendship beside a pending removal from its own host is published as an
+            // add too (the import script's rule), so hosts end with the friendship.
+            self.players
+                .iter()
+                .filter(|p| {
+                    p.friendship.is_some_and(|(_, host)| p.pending_add || p.pending_remove == Some(host))
+                })
+                .count(),
             self.players.iter().filter(|p| p.pending_remove.is_some()).count(),
             self.messages() - to_host,
         )?;

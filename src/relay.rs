@@ -441,6 +441,18 @@ impl<S: FriendStore, B: EventBus, R: RoleService> Relay<S, B, R> {
         self.outbox_kick.notify_one();
         let mut published = self.outbox_published.subscribe();
         let deadline = tokio::time::Instant::now() + PUBLISH_FLUSH_WAIT;
+        if *published.borrow() >= seq {
+            // Normally the drainer was quicker. But a sequence committed just now is past
+            // the store's published position, unless that was published: if Redis lost
+            // its last writes (a crash, a failover) and its sequence restarted below ours,
+            // the store says so, and the wait goes on from its position.
+            match tokio::time::timeout_at(deadline, self.store.outbox_published_seq()).await {
+                Ok(Ok(done)) if done < seq => {
+                    self.outbox_published.send_replace(done);
+                }
+                _ => return,
+            }
+        }
         loop {
             if *published.borrow_and_update() >= seq {
                 return;

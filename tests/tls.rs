@@ -105,3 +105,35 @@ fn a_certificate_the_relay_does_not_trust_stops_it_at_start() {
         "the error names Redis and its certificate: {stderr}"
     );
 }
+
+/// An `https://` role service with a trust store of no certificate (a mistyped
+/// `SSL_CERT_FILE`) stops the relay at start, instead of every `add` failing later.
+#[test]
+fn an_empty_trust_store_for_https_stops_the_relay_at_start() {
+    let redis = RedisServer::start();
+    let nats = support::NatsServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("no-such-ca.pem");
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_gm-relay"))
+        .arg("serve")
+        .env_clear()
+        .env("GM_RELAY_LISTEN", "127.0.0.1:0")
+        .env("GM_RELAY_NATS_URL", nats.url())
+        .env("GM_RELAY_REDIS_URL", redis.url())
+        .env("GM_RELAY_ROLE_INFO_URL", "https://127.0.0.1:9/info?uid={uid}&hostnum={host}")
+        .env("GM_RELAY_LOG_FORMAT", "pretty")
+        .env("SSL_CERT_FILE", &missing)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("gm-relay runs");
+    let mut status = None;
+    wait_until(DEADLINE, "the relay exits", || {
+        status = relay.try_wait().expect("wait");
+        status.is_some()
+    });
+    let output = relay.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!status.expect("exited").success(), "started without a trusted certificate: {stderr}");
+    assert!(stderr.contains("no trusted certificate for https://"), "{stderr}");
+}

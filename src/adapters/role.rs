@@ -20,8 +20,8 @@ pub struct RoleClient {
 }
 
 impl RoleClient {
-    /// Fails only when the TLS roots cannot be loaded (`SSL_CERT_FILE` names a file of
-    /// no valid certificates).
+    /// Fails only when the TLS roots cannot be used (`SSL_CERT_FILE` names a file whose
+    /// every certificate is invalid).
     pub fn new(template: String, timeout: Duration) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).build()?;
         Ok(Self { service: Some((template, http)) })
