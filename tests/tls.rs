@@ -71,6 +71,32 @@ async fn redis_the_role_service_and_the_server_list_work_over_tls() {
     assert_eq!(got, vec![(UID.to_string(), vec!["over TLS".to_owned()])]);
 }
 
+/// Runs `gm-relay serve` with `env` (and the given servers), expects it to exit with an
+/// error within DEADLINE, and returns its stderr.
+fn start_fails(nats: &support::NatsServer, redis_url: &str, env: &[(&str, &str)]) -> String {
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_gm-relay"));
+    relay
+        .arg("serve")
+        .env_clear()
+        .env("GM_RELAY_LISTEN", "127.0.0.1:0")
+        .env("GM_RELAY_NATS_URL", nats.url())
+        .env("GM_RELAY_REDIS_URL", redis_url)
+        .env("GM_RELAY_LOG_FORMAT", "pretty")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut relay = relay.spawn().expect("gm-relay runs");
+    let mut status = None;
+    wait_until(DEADLINE, "the relay exits", || {
+        status = relay.try_wait().expect("wait");
+        status.is_some()
+    });
+    let output = relay.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!status.expect("exited").success(), "the relay started: {stderr}");
+    stderr
+}
+
 /// Without the CA (the system's store does not hold it), the relay refuses Redis's
 /// certificate and does not start.
 #[test]
@@ -80,26 +106,8 @@ fn a_certificate_the_relay_does_not_trust_stops_it_at_start() {
     let nats = support::NatsServer::start();
     let empty_store = ca.files.cert.with_file_name("no-ca.pem");
     std::fs::write(&empty_store, "").expect("write an empty store");
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_gm-relay"))
-        .arg("serve")
-        .env_clear()
-        .env("GM_RELAY_LISTEN", "127.0.0.1:0")
-        .env("GM_RELAY_NATS_URL", nats.url())
-        .env("GM_RELAY_REDIS_URL", redis.tls_url())
-        .env("GM_RELAY_LOG_FORMAT", "pretty")
-        .env("SSL_CERT_FILE", &empty_store)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("gm-relay runs");
-    let mut status = None;
-    wait_until(DEADLINE, "the relay exits", || {
-        status = relay.try_wait().expect("wait");
-        status.is_some()
-    });
-    let output = relay.wait_with_output().expect("output");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!status.expect("exited").success(), "started with an untrusted Redis: {stderr}");
+    let stderr =
+        start_fails(&nats, &redis.tls_url(), &[("SSL_CERT_FILE", empty_store.to_str().expect("UTF-8"))]);
     assert!(
         stderr.contains("cannot connect to Redis") && stderr.contains("certificate"),
         "the error names Redis and its certificate: {stderr}"
@@ -114,26 +122,13 @@ fn an_empty_trust_store_for_https_stops_the_relay_at_start() {
     let nats = support::NatsServer::start();
     let dir = tempfile::tempdir().expect("temp dir");
     let missing = dir.path().join("no-such-ca.pem");
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_gm-relay"))
-        .arg("serve")
-        .env_clear()
-        .env("GM_RELAY_LISTEN", "127.0.0.1:0")
-        .env("GM_RELAY_NATS_URL", nats.url())
-        .env("GM_RELAY_REDIS_URL", redis.url())
-        .env("GM_RELAY_ROLE_INFO_URL", "https://127.0.0.1:9/info?uid={uid}&hostnum={host}")
-        .env("GM_RELAY_LOG_FORMAT", "pretty")
-        .env("SSL_CERT_FILE", &missing)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("gm-relay runs");
-    let mut status = None;
-    wait_until(DEADLINE, "the relay exits", || {
-        status = relay.try_wait().expect("wait");
-        status.is_some()
-    });
-    let output = relay.wait_with_output().expect("output");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!status.expect("exited").success(), "started without a trusted certificate: {stderr}");
+    let stderr = start_fails(
+        &nats,
+        &redis.url(),
+        &[
+            ("GM_RELAY_ROLE_INFO_URL", "https://127.0.0.1:9/info?uid={uid}&hostnum={host}"),
+            ("SSL_CERT_FILE", missing.to_str().expect("UTF-8")),
+        ],
+    );
     assert!(stderr.contains("no trusted certificate for https://"), "{stderr}");
 }
