@@ -79,14 +79,20 @@ impl HistoryWriter {
     /// Queues a copy; waits only while the queue is full. A copy that is not queued is
     /// counted and logged, also when the caller stops waiting (its request went away).
     pub async fn record(&self, copy: Copy) {
-        let copy = match self.jobs.try_send(Job::Copy(copy)) {
+        // The id is copied only on the slow path, for the loss report.
+        let (job, id) = match self.jobs.try_send(Job::Copy(copy)) {
             Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => job,
+            Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => {
+                let id = match &job {
+                    Job::Copy(copy) => copy.id.clone(),
+                    Job::Flush(_) => unreachable!("record sends copies only"),
+                };
+                (job, id)
+            }
         };
-        let Job::Copy(Copy { id, .. }) = &copy else { return };
         let mut unrecorded =
-            Unrecorded { id: Some(id.clone()), reason: "its request went away", metrics: &self.metrics };
-        unrecorded.reason = match self.jobs.send_timeout(copy, ENQUEUE_TIMEOUT).await {
+            Unrecorded { id: Some(id), reason: "its request went away", metrics: &self.metrics };
+        unrecorded.reason = match self.jobs.send_timeout(job, ENQUEUE_TIMEOUT).await {
             Ok(()) => {
                 unrecorded.id = None;
                 return;
